@@ -1,0 +1,124 @@
+"""DeltaNet token mixer (delta rule linear attention, chunk-parallel form)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linear_moe.mixers import _recurrent as rec
+from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers.common import GatedRMSNorm, RMSNorm, ShortConvolution
+
+QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+QK_NORMS = ("l2", "sum")
+
+
+def qk_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """DeltaNet's feature activation for q/k ('silu' is applied inside the short convolution)."""
+    if name == "relu":
+        return F.relu(x)
+    if name == "elu":
+        return F.elu(x) + 1.0
+    return x
+
+
+class DeltaNet(Mixer):
+    """DeltaNet: S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(d_k).
+
+    "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", arXiv:2406.06484
+    (the delta rule from arXiv:2102.11174). Follows fla's `DeltaNet` layer.
+
+    Options (fla defaults):
+        expand_k, expand_v (1.0, 1.0): key/value width = hidden_size * expand.
+        use_beta (True): beta_t = sigmoid(b_proj(x)), else 1.
+        use_gate (False): output `rmsnorm(o) * silu(g_proj(x))` instead of `rmsnorm(o)`.
+        use_short_conv (True), conv_size (4), conv_bias (False): causal depthwise conv on q, k, v.
+        allow_neg_eigval (False): beta in (0, 2) (arXiv:2411.12537).
+        qk_activation ('silu' | 'relu' | 'elu' | 'identity'), qk_norm ('l2' | 'sum'), norm_eps (1e-5).
+    State: `recurrent` [B, H, K, V] (float32) and `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, H*V, W-1].
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
+                 expand_v: float = 1.0, use_beta: bool = True, use_gate: bool = False, use_short_conv: bool = True,
+                 conv_size: int = 4, conv_bias: bool = False, allow_neg_eigval: bool = False,
+                 qk_activation: str = "silu", qk_norm: str = "l2", norm_eps: float = 1e-5):
+        super().__init__()
+        if qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"DeltaNet: qk_activation must be one of {QK_ACTIVATIONS}, got {qk_activation!r}")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"DeltaNet: qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
+        if not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim))) \
+                or round(key_dim) % num_heads or round(value_dim) % num_heads:
+            raise ValueError(f"DeltaNet: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
+                             f"must be integers divisible by num_heads={num_heads}")
+        self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
+        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
+        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        self.use_beta, self.use_gate, self.use_short_conv = use_beta, use_gate, use_short_conv
+        self.allow_neg_eigval, self.qk_activation, self.qk_norm = allow_neg_eigval, qk_activation, qk_norm
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_beta:
+            self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if use_short_conv:
+            qk_act = "silu" if qk_activation == "silu" else None
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_act, bias=conv_bias)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_act, bias=conv_bias)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu", bias=conv_bias)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def state_keys(self) -> list[str]:
+        return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
+
+    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        B, T, _ = x.shape
+        new_state: MixerState = {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
+            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens)
+        else:
+            if self.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+        q_BTHK = qk_activation(q.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
+        k_BTHK = qk_activation(k.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
+        v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        if self.qk_norm == "l2":
+            q_BTHK, k_BTHK = F.normalize(q_BTHK, dim=-1, eps=1e-6), F.normalize(k_BTHK, dim=-1, eps=1e-6)
+        else:
+            q_BTHK, k_BTHK = F.normalize(q_BTHK, p=1, dim=-1, eps=1e-6), F.normalize(k_BTHK, p=1, dim=-1, eps=1e-6)
+        beta_BTH = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(B, T, self.num_heads)
+        if self.allow_neg_eigval:
+            beta_BTH = beta_BTH * 2.0
+
+        keep = use_cache or state is not None
+        fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, T))
+        o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, beta=beta_BTH,
+                            initial_state=None if state is None else state["recurrent"],
+                            output_final_state=keep, cu_seqlens=cu_seqlens)
+        if self.use_gate:
+            o_BTHV = self.o_norm(o_BTHV, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
+        else:
+            o_BTHV = self.o_norm(o_BTHV)
+        y = self.o_proj(o_BTHV.flatten(-2))
+        return y, ({"recurrent": s_BHKV, **new_state} if keep else None)
+
+    def sequence_flops(self, seq_len: int) -> float:
+        # WY form per chunk: beta K K^T (C*K), T = (I + A)^-1 (~C^2/3, ignored), W = T beta K (C*K),
+        # U = T beta V (C*V), U - W S (K*V), plus the generic scores / reads / updates.
+        return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
+                                                  extra_ck=2, extra_cv=1, extra_kv=1)

@@ -1,0 +1,114 @@
+"""Gated DeltaNet token mixer (gated delta rule, chunk-parallel form)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linear_moe.mixers import _recurrent as rec
+from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers.common import GatedRMSNorm, RMSNorm, ShortConvolution
+
+GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
+
+
+def decay_log(a_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor) -> torch.Tensor:
+    """Mamba2-style per-head log decay g = -exp(A_log) * softplus(a + dt_bias), float32 [B, T, H]."""
+    return -A_log_H.float().exp() * F.softplus(a_BTH.float() + dt_bias_H.float())
+
+
+class GatedDeltaNet(Mixer):
+    """Gated DeltaNet: S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(d_k),
+    with alpha_t = exp(-exp(A_log) softplus(a_proj(x) + dt_bias)).
+
+    "Gated Delta Networks: Improving Mamba2 with Delta Rule", arXiv:2412.06464. Follows fla's `GatedDeltaNet`.
+
+    Options (fla defaults unless noted):
+        head_dim (None -> hidden_size // num_heads; fla's 256 assumes its own head count): key dim per head.
+        expand_v (2.0): value dim per head = head_dim * expand_v.
+        use_gate (True): output `rmsnorm(o) * act(g_proj(x))`; output_gate_activation ('swish'|'silu'|'sigmoid').
+        use_short_conv (True), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
+        allow_neg_eigval (False): beta in (0, 2) (arXiv:2411.12537). norm_eps (1e-5).
+    Grouped value heads (fla's `num_v_heads`) are not supported.
+    State: `recurrent` [B, H, K, V] (float32), `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, H*V, W-1].
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, head_dim: int | None = None,
+                 expand_v: float = 2.0, use_gate: bool = True, use_short_conv: bool = True, conv_size: int = 4,
+                 conv_bias: bool = False, allow_neg_eigval: bool = False, norm_eps: float = 1e-5,
+                 output_gate_activation: str = "swish"):
+        super().__init__()
+        if output_gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"GatedDeltaNet: output_gate_activation must be one of {list(GATE_ACTIVATIONS)}, "
+                             f"got {output_gate_activation!r}")
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        head_v_dim = head_dim * expand_v
+        if head_dim <= 0 or not math.isclose(head_v_dim, round(head_v_dim)) or round(head_v_dim) <= 0:
+            raise ValueError(f"GatedDeltaNet: head_dim={head_dim} * expand_v={expand_v} must be a positive integer")
+        self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
+        self.head_k_dim, self.head_v_dim = head_dim, round(head_v_dim)
+        self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_heads * self.head_v_dim
+        self.use_gate, self.use_short_conv, self.allow_neg_eigval = use_gate, use_short_conv, allow_neg_eigval
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
+        self.A_log._no_weight_decay = True
+        self.dt_bias = nn.Parameter(rec.init_dt_bias(num_heads))
+        self.dt_bias._no_weight_decay = True
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu", bias=conv_bias)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps,
+                                       activation=GATE_ACTIVATIONS[output_gate_activation])
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def state_keys(self) -> list[str]:
+        return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
+
+    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        T = x.shape[1]
+        new_state: MixerState = {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
+            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q_BTHK = F.normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)), dim=-1, eps=1e-6)
+        k_BTHK = F.normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)), dim=-1, eps=1e-6)
+        v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        beta_BTH = self.b_proj(x).sigmoid()
+        if self.allow_neg_eigval:
+            beta_BTH = beta_BTH * 2.0
+        g_BTH = decay_log(self.a_proj(x), self.A_log, self.dt_bias)
+
+        keep = use_cache or state is not None
+        fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, T))
+        o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, g=g_BTH, beta=beta_BTH,
+                            initial_state=None if state is None else state["recurrent"],
+                            output_final_state=keep, cu_seqlens=cu_seqlens)
+        if self.use_gate:
+            o_BTHV = self.o_norm(o_BTHV, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
+        else:
+            o_BTHV = self.o_norm(o_BTHV)
+        y = self.o_proj(o_BTHV.flatten(-2))
+        return y, ({"recurrent": s_BHKV, **new_state} if keep else None)
+
+    def sequence_flops(self, seq_len: int) -> float:
+        # Same WY chunk form as DeltaNet; the scalar decay adds only O(C) per token.
+        return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
+                                                  extra_ck=2, extra_cv=1, extra_kv=1)
