@@ -1,0 +1,1 @@
+"""Training: trainer, optimizer and schedules, DCP checkpoints, metrics/logging, plots."""
