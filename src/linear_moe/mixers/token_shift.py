@@ -25,11 +25,12 @@ def token_shift(
     if state_ND is None:
         state_ND = x_BTD.new_zeros(n, D)
     state_ND = state_ND.to(x_BTD.dtype)
-    prev_BTD = torch.cat([x_BTD.new_zeros(B, 1, D), x_BTD[:, :-1]], dim=1)
     if cu_seqlens is None:
-        prev_BTD[:, :1] = state_ND[:, None] if T > 0 else prev_BTD[:, :1]
-        new_state = x_BTD[:, -1] if T > 0 else state_ND
-        return prev_BTD - x_BTD, new_state.contiguous()
+        if T == 0:
+            return x_BTD.clone(), state_ND
+        prev_BTD = torch.cat([state_ND[:, None], x_BTD[:, :-1]], dim=1)
+        return prev_BTD - x_BTD, x_BTD[:, -1].contiguous()
+    prev_BTD = torch.cat([x_BTD.new_zeros(B, 1, D), x_BTD[:, :-1]], dim=1)
     lens_N = varlen.seq_lens(cu_seqlens)
     nonempty_N = lens_N > 0
     starts = cu_seqlens[:-1][nonempty_N]
