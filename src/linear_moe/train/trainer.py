@@ -1,0 +1,319 @@
+"""The training loop: AdamW + schedule, gradient accumulation and clipping, bf16 autocast on CUDA,
+activation checkpointing, per-block torch.compile, MoE aux losses and aux-loss-free bias updates,
+DCP checkpoints, logging.
+
+Determinism: the model is initialised from `train.seed`, batches are a pure function of
+(`data.seed`, micro-step) and everything else is restored from checkpoints, so the losses of a run
+depend only on its config, and a resumed run continues exactly (bitwise on CPU).
+
+Parallelism stays outside: `parallelize(model, device)` is the single place where FSDP2/TP/EP will
+be applied to the built model; it only moves the model to the device for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import checkpoint as ckpt
+from .logging import RunLogger
+from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
+from .optim import build_optimizer, set_lr
+from .schedule import lr_at
+
+
+class Batch(Protocol):
+    input_ids: torch.Tensor  # [1, B*T]
+    labels: torch.Tensor  # [1, B*T], aligned targets, -100 = ignored
+    cu_seqlens: torch.Tensor | None  # [N+1]
+
+
+class BatchSource(Protocol):
+    def get_batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown train.device {name!r}; choose one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA for `auto`/`bf16`, none (fp32) on CPU for `auto`/`fp32`."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown train.dtype {dtype!r}; choose one of auto, bf16, fp32")
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Hook for FSDP2 / TP / EP wrapping of the built model (single device for now)."""
+    return model.to(device)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the model (the unit of activation checkpointing and compilation)."""
+    for name in ("blocks", "layers"):
+        for module in (model, getattr(model, "model", None)):
+            blocks = getattr(module, name, None)
+            if isinstance(blocks, nn.ModuleList | nn.Sequential):
+                return list(blocks)
+    raise ValueError(f"{type(model).__name__} has no `blocks`/`layers` ModuleList to checkpoint or compile")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant); parameter names are unchanged."""
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block in place (parameter names are unchanged)."""
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.moe_layers()) if hasattr(model, "moe_layers") else []
+
+
+@dataclass
+class StepResult:
+    loss: float  # LM loss (token-weighted over the micro-batches)
+    aux_loss: float  # MoE aux loss (mean over micro-batches)
+    grad_norm: float
+    tokens: int  # input tokens processed
+    expert_load_LE: torch.Tensor | None  # summed over micro-batches
+
+
+class Trainer:
+    """Train `model` on batches from `data` (and validate on `val_data`) under `cfg` (a RunConfig)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: nn.Module,
+        data: BatchSource,
+        val_data: BatchSource | None = None,
+        *,
+        config_yaml: str = "",
+        flops_per_token: float | None = None,
+    ) -> None:
+        self.cfg, self.tc = cfg, cfg.train
+        self.device = resolve_device(self.tc.device)
+        self.amp_dtype = autocast_dtype(self.tc.dtype, self.device)
+        self.model = parallelize(model, self.device)
+        if self.tc.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if self.tc.compile:
+            compile_blocks(self.model)
+        self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
+        self.data, self.val_data = data, val_data
+        self.run_dir = Path(self.tc.run_dir)
+        self.ckpt_root = self.run_dir / ckpt.CKPT_DIRNAME
+        self.config_yaml = config_yaml
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []  # the logged records (also in metrics.jsonl)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        meta = {
+            "tokens_seen": self.tokens_seen,
+            "data": {"step": self.step * self.tc.grad_accum, "seed": self.cfg.data.seed, "epoch": 0},
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            config_yaml=self.config_yaml,
+            meta=meta,
+            keep_last=self.tc.keep_last,
+        )
+
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint `path`: model, optimizer, RNG, step and data position."""
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cu = batch.cu_seqlens.to(self.device) if batch.cu_seqlens is not None else None
+        return batch.input_ids.to(self.device), batch.labels.to(self.device), cu
+
+    def _micro_batches(self, step: int) -> Iterator[Batch]:
+        for micro in range(self.tc.grad_accum):
+            yield self.data.get_batch(step * self.tc.grad_accum + micro)
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer update (gradient accumulation over `grad_accum` micro-batches)."""
+        set_lr(self.optimizer, self.lr(step))
+        batches = list(self._micro_batches(step))
+        # weight each micro-batch's mean CE by its share of target tokens: the update then follows the
+        # token-mean loss of the whole step, also when SFT masks make micro-batches uneven
+        counts = [int((b.labels != -100).sum()) for b in batches]
+        total = max(1, sum(counts))
+        lm_sum, aux_sum, tokens, load_LE = 0.0, 0.0, 0, None
+        for batch, count in zip(batches, counts, strict=True):
+            input_ids, labels, cu_seqlens = self._to_device(batch)
+            with self._autocast():
+                out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+            aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
+            (out.loss * (count / total) + aux / self.tc.grad_accum).backward()
+            lm_sum += float(out.loss.detach()) * count
+            aux_sum += float(aux.detach())
+            tokens += input_ids.numel()
+            if out.expert_load is not None:
+                load = out.expert_load.detach().float()
+                load_LE = load if load_LE is None else load_LE + load
+        clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if load_LE is not None:
+            with torch.no_grad():
+                for layer, load_E in zip(moe_layers(self.model), load_LE, strict=True):
+                    layer.update_bias(load_E)
+        return StepResult(lm_sum / total, aux_sum / self.tc.grad_accum, grad_norm, tokens, load_LE)
+
+    def lr(self, step: int) -> float:
+        tc = self.tc
+        return lr_at(
+            step,
+            lr=tc.lr,
+            min_lr=tc.min_lr,
+            warmup=tc.warmup,
+            total=tc.steps,
+            schedule=tc.schedule,
+            decay_fraction=tc.decay_fraction,
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-mean validation loss over `eval_batches` fixed micro-batches (None without val data)."""
+        if self.val_data is None or self.tc.eval_batches <= 0:
+            return None
+        self.model.eval()
+        loss_sum, count_sum = 0.0, 0
+        for i in range(self.tc.eval_batches):
+            input_ids, labels, cu_seqlens = self._to_device(self.val_data.get_batch(i))
+            count = int((labels != -100).sum())
+            with self._autocast():
+                out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+            loss_sum += float(out.loss) * count
+            count_sum += count
+        self.model.train()
+        return loss_sum / max(1, count_sum)
+
+    # ------------------------------------------------------------------ loop
+
+    def _train_record(self, res: StepResult, lr: float, tok_per_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "split": "train",
+            "loss": res.loss,
+            "aux_loss": res.aux_loss,
+            "lr": lr,
+            "grad_norm": res.grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tok_per_s,
+            "mfu": mfu(tok_per_s, self.flops_per_token, self.peak) if self.flops_per_token else None,
+            "memory_gb": memory_gb(self.device),
+        }
+        if res.expert_load_LE is not None:
+            record["expert_load"] = [[round(x, 5) for x in row] for row in load_fractions(res.expert_load_LE).tolist()]
+            record["load_imbalance"] = load_imbalance(res.expert_load_LE)
+        return record
+
+    def _log(self, logger: RunLogger, record: dict[str, Any]) -> None:
+        logger.log(self.step, record)
+        self.history.append({"step": self.step, **record})
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train from `self.step` to `train.steps` (or stop early after update `stop_at`, saving a
+        checkpoint there, as an interruption would), logging, evaluating and saving on the way.
+
+        Returns a summary: first/last logged train loss, last val loss, steps, seconds, checkpoint path."""
+        tc = self.tc
+        logger = RunLogger(
+            self.run_dir,
+            total_steps=tc.steps,
+            start_step=self.step,
+            tensorboard=tc.tensorboard,
+            wandb_project=tc.wandb,
+            progress=tc.progress,
+        )
+        self.model.train()
+        last_ckpt, val_loss = None, None
+        t_start = t_window = time.perf_counter()
+        tokens_window = 0
+        try:
+            end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+            while self.step < end:
+                lr = self.lr(self.step)
+                res = self.train_step(self.step)
+                self.step += 1
+                self.tokens_seen += res.tokens
+                tokens_window += res.tokens
+                if self.step % tc.log_every == 0 or self.step == tc.steps or self.step == 1:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    tok_per_s = tokens_window / max(now - t_window, 1e-9)
+                    t_window, tokens_window = now, 0
+                    record = self._train_record(res, lr, tok_per_s)
+                    self._log(logger, record)
+                    logger.progress(self.step, _postfix(record))
+                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.steps:
+                    val_loss = self.evaluate()
+                    if val_loss is not None:
+                        self._log(logger, {"split": "val", "loss": val_loss})
+                        logger.write(f"step {self.step}: train loss {res.loss:.3f}, val loss {val_loss:.3f}")
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end:
+                    last_ckpt = self.save()
+        finally:
+            logger.close()
+        train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
+        return {
+            "steps": self.step,
+            "first_loss": train_losses[0] if train_losses else None,
+            "last_loss": train_losses[-1] if train_losses else None,
+            "val_loss": val_loss,
+            "seconds": time.perf_counter() - t_start,
+            "checkpoint": str(last_ckpt or ckpt.find_latest(self.ckpt_root) or ""),
+        }
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.1e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if record.get("mfu") is not None:
+        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+    if record.get("memory_gb") is not None:
+        postfix["mem"] = f"{record['memory_gb']:.1f}GB"
+    return postfix
