@@ -1,0 +1,73 @@
+"""HGRN's element-wise gated recurrence (arXiv:2311.04823): h_t = exp(g_t) * h_t-1 + x_t, o_t = h_t,
+with `x, g [B, T, D]` (no heads; `g` is the log forget gate) and state `[N, D]`.
+
+fla's `chunk_hgrn` takes no `cu_seqlens`: on CUDA a packed call is routed to fla's `fused_recurrent_hgrn`
+(which supports it and has a backward). The PyTorch chunk form runs the shared chunk engine with one
+"head" per channel and K = V = 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linear_moe.ops import _chunk_common as cc
+from linear_moe.ops._dispatch import check_varlen, fla_op, use_fla
+
+Tensor = torch.Tensor
+CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C] per channel
+
+
+def _check(name: str, x: Tensor, g: Tensor, initial_state: Tensor | None, cu_seqlens: Tensor | None) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name}: `x` must be [B, T, D] (3-D; HGRN has no heads), got shape {tuple(x.shape)}")
+    cc.expect_shape(name, "g", g, tuple(x.shape), "x.shape [B, T, D]")
+    check_varlen(name, x, cu_seqlens)
+    n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+    cc.expect_shape(name, "initial_state", initial_state, (n, x.shape[2]), "[N, D]")
+
+
+def _run(engine, x, g, initial_state, output_final_state, cu_seqlens, **opts):
+    ones = x.new_ones(*x.shape, 1)
+    h0 = None if initial_state is None else initial_state[..., None, None]
+    o, s = cc.packed(lambda x_, g_, one: engine(one, one, x_[..., None], g_, 1.0, h0, **opts), cu_seqlens,
+                     x, g, ones)
+    return o[..., 0].to(x.dtype), (s[..., 0, 0] if output_final_state else None)
+
+
+def chunk_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
+                     cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch chunked form. x, g `[B, T, D]`, initial_state `[N, D]` -> o `[B, T, D]`, final `[N, D]` or None."""
+    _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
+    return _run(cc.chunk_gated, x, g, initial_state, output_final_state, cu_seqlens,
+                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+
+
+def fused_recurrent_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | None = None,
+                               output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+                               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch token loop (decoding path); same shapes as `chunk_hgrn_torch`."""
+    _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
+    return _run(cc.recurrent_gated, x, g, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
+               cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `chunk_hgrn` on CUDA (`fused_recurrent_hgrn` when packed), else `chunk_hgrn_torch`.
+    (`cu_seqlens` is our addition: fla's `chunk_hgrn` has none.)"""
+    if use_fla(x):
+        _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
+        if cu_seqlens is not None:
+            return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
+        return fla_op("hgrn", "chunk_hgrn")(x, g, initial_state, output_final_state)
+    return chunk_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)
+
+
+def fused_recurrent_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
+                         cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `fused_recurrent_hgrn` on CUDA, else `fused_recurrent_hgrn_torch`."""
+    if use_fla(x):
+        _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
+        return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
+    return fused_recurrent_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)

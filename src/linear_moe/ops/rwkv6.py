@@ -1,0 +1,81 @@
+"""RWKV-6 "Finch" time mixing (arXiv:2404.05892) with per-key-channel log decay `w [B, T, H, K]` and
+bonus `u [H, K]`:  o_t = scale * r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T.
+
+`w` is the log decay itself (RWKV's `-exp(w_raw)`), as in fla; the default scale is K^-0.5 (RWKV uses 1.0,
+so its mixers pass `scale=1.0`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linear_moe.ops import _chunk_common as cc
+from linear_moe.ops._dispatch import fla_op, use_fla
+
+Tensor = torch.Tensor
+CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
+
+
+def _check(name: str, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, initial_state: Tensor | None,
+           cu_seqlens: Tensor | None) -> None:
+    n = cc.check_qkv(name, r, k, v, cu_seqlens, w=w)
+    cc.expect_shape(name, "u", u, tuple(r.shape[2:]), "[H, K]")
+    cc.check_state(name, initial_state, n, r.shape[2], r.shape[3], v.shape[3])
+
+
+def _run(engine, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, **opts):
+    scale = r.shape[-1] ** -0.5 if scale is None else scale
+    o, s = cc.packed(lambda r_, k_, v_, w_: engine(r_, k_, v_, w_, scale, initial_state, bonus_HK=u, **opts),
+                     cu_seqlens, r, k, v, w)
+    return o.to(v.dtype), (s if output_final_state else None)
+
+
+def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
+                      initial_state: Tensor | None = None, output_final_state: bool = False,
+                      cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
+                      **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch chunked form. r, k, w `[B, T, H, K]`, v `[B, T, H, V]`, u `[H, K]`, initial_state `[N, H, K, V]`
+    -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
+    _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
+    return _run(cc.chunk_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
+                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, rwkv=True)
+
+
+def fused_recurrent_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
+                                initial_state: Tensor | None = None, output_final_state: bool = False,
+                                reverse: bool = False, cu_seqlens: Tensor | None = None,
+                                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch token loop (decoding path); same shapes as `chunk_rwkv6_torch`."""
+    _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
+    return _run(cc.recurrent_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
+                reverse=reverse)
+
+
+def chunk_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
+                initial_state: Tensor | None = None, output_final_state: bool = False,
+                cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
+                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `chunk_rwkv6` on CUDA, else `chunk_rwkv6_torch`."""
+    if use_fla(r):
+        _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
+        return fla_op("rwkv6", "chunk_rwkv6")(
+            r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+    return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu,
+                             **kwargs)
+
+
+def fused_recurrent_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
+                          initial_state: Tensor | None = None, output_final_state: bool = False,
+                          reverse: bool = False, cu_seqlens: Tensor | None = None,
+                          **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop."""
+    if use_fla(r):
+        _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
+        return fla_op("rwkv6", "fused_recurrent_rwkv6")(
+            r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            reverse=reverse, cu_seqlens=cu_seqlens)
+    return fused_recurrent_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, reverse,
+                                       cu_seqlens, **kwargs)

@@ -1,0 +1,97 @@
+"""Simple GLA: linear attention with a scalar (per-head) log decay (arXiv:2405.05254 Lightning / RetNet /
+Mamba2's SSD share it):  S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
+
+`g [B, T, H]` is a data-dependent log decay, `g_gamma [H]` a fixed one per head (both given: they add).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linear_moe.ops import _chunk_common as cc
+from linear_moe.ops._dispatch import fla_op, use_fla
+
+Tensor = torch.Tensor
+CHUNK_SIZE = 64
+
+
+def _log_decay(name: str, q: Tensor, g: Tensor | None, g_gamma: Tensor | None) -> Tensor | None:
+    """Validate `g [B, T, H]` / `g_gamma [H]` and return the per-token log decay `[B, T, H]` (or None)."""
+    cc.expect_shape(name, "g", g, tuple(q.shape[:3]), "[B, T, H]")
+    cc.expect_shape(name, "g_gamma", g_gamma, (q.shape[2],), "[H]")
+    if g_gamma is None:
+        return g
+    gamma_BTH = g_gamma.to(cc.acc_dtype(q, g_gamma)).expand(q.shape[:3])
+    return gamma_BTH if g is None else g + gamma_BTH
+
+
+def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma: Tensor | None,
+           initial_state: Tensor | None, state_v_first: bool, cu_seqlens: Tensor | None) -> Tensor | None:
+    n = cc.check_qkv(name, q, k, v, cu_seqlens)
+    cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
+    return _log_decay(name, q, g, g_gamma)
+
+
+def _run(engine, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, **opts):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
+    o, s = cc.packed(lambda q_, k_, v_, g_: engine(q_, k_, v_, g_, scale, h0, **opts), cu_seqlens, q, k, v, g)
+    if not output_final_state:
+        return o.to(v.dtype), None
+    return o.to(v.dtype), (s.transpose(-1, -2) if state_v_first else s)
+
+
+def chunk_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g_gamma: Tensor | None = None,
+                           scale: float | None = None, initial_state: Tensor | None = None,
+                           output_final_state: bool = False, state_v_first: bool = False,
+                           cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
+                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch chunked form. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]`, g_gamma `[H]`,
+    initial_state `[N, H, K, V]` -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
+    g = _check("chunk_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
+    return _run(cc.chunk_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+
+
+def fused_recurrent_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
+                                     g_gamma: Tensor | None = None, scale: float | None = None,
+                                     initial_state: Tensor | None = None, output_final_state: bool = False,
+                                     reverse: bool = False, state_v_first: bool = False,
+                                     cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """PyTorch token loop (decoding path); same shapes as `chunk_simple_gla_torch`."""
+    g = _check("fused_recurrent_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
+    return _run(cc.recurrent_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
+                cu_seqlens, reverse=reverse)
+
+
+def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g_gamma: Tensor | None = None,
+                     scale: float | None = None, initial_state: Tensor | None = None, output_final_state: bool = False,
+                     state_v_first: bool = False, cu_seqlens: Tensor | None = None,
+                     cu_seqlens_cpu: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `chunk_simple_gla` on CUDA, else `chunk_simple_gla_torch` (same arguments)."""
+    if use_fla(q):
+        _check("chunk_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
+        return fla_op("simple_gla", "chunk_simple_gla")(
+            q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+    return chunk_simple_gla_torch(q, k, v, g, g_gamma, scale, initial_state, output_final_state, state_v_first,
+                                  cu_seqlens, cu_seqlens_cpu, **kwargs)
+
+
+def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
+                               g_gamma: Tensor | None = None, scale: float | None = None,
+                               initial_state: Tensor | None = None, output_final_state: bool = False,
+                               reverse: bool = False, state_v_first: bool = False, cu_seqlens: Tensor | None = None,
+                               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """fla's `fused_recurrent_simple_gla` on CUDA, else `fused_recurrent_simple_gla_torch`."""
+    if use_fla(q):
+        _check("fused_recurrent_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
+        return fla_op("simple_gla", "fused_recurrent_simple_gla")(
+            q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
+            cu_seqlens=cu_seqlens, **kwargs)
+    return fused_recurrent_simple_gla_torch(q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
+                                            state_v_first, cu_seqlens, **kwargs)
