@@ -103,8 +103,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         args = typing.get_args(tp)
-        elem = args[0] if args else Any  # list[X] and tuple[X, ...]
-        out = [_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[float, float]
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}' expects a list of {len(args)} values, got {list(value)!r}")
+            elems = args
+        else:  # list[X], tuple[X, ...], bare list/tuple
+            elems = [args[0] if args else Any] * len(value)
+        out = [_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, elems, strict=True))]
         return tuple(out) if (origin is tuple or tp is tuple) else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

@@ -3,6 +3,7 @@
 from .errors import DataError
 from .packed import IGNORE_INDEX, Batch, PackedDataset
 from .prepare import iter_documents, prepare
+from .sft import SFTDataset, chat_prompt, encode_chat
 from .tokenizer import ASSISTANT, EOS, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "Batch",
     "DataError",
     "PackedDataset",
+    "SFTDataset",
     "Tokenizer",
+    "chat_prompt",
+    "encode_chat",
     "iter_documents",
     "prepare",
 ]

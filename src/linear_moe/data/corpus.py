@@ -51,4 +51,6 @@ def builtin_documents(name: str) -> Iterator[str]:
 
     if name == "python-docs":
         return python_docs()
-    raise DataError(f"unknown builtin corpus 'builtin:{name}'; valid: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}")
+    raise DataError(
+        f"unknown builtin corpus 'builtin:{name}'; valid: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+    )

@@ -310,5 +310,3 @@ def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
-
-
