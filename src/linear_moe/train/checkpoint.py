@@ -153,9 +153,11 @@ def save_checkpoint(
     config_yaml: str,
     meta: dict[str, Any],
     keep_last: int = 0,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically, update `latest`, keep the last `keep_last`
-    (0 keeps all). Returns the final directory."""
+    (0 keeps all); `extra_files` (name -> source path, e.g. the tokenizer) are copied in. Returns the
+    final directory."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dirname(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -172,6 +174,8 @@ def save_checkpoint(
     if _no_dist() is False:
         dist.barrier()
     if _rank() == 0:
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
         (tmp / CONFIG).write_text(config_yaml)
         (tmp / META).write_text(json.dumps({"step": step, **meta, "torch": torch.__version__}, indent=2) + "\n")
         if final.exists():  # re-saving a step (e.g. after a resume): replace only once the new one is complete

@@ -14,11 +14,34 @@ Precedence, lowest first: dataclass defaults < preset < YAML file < command-line
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, apply_overrides, from_dict, to_dict
+from ..model import ModelConfig, get_preset
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 RESUME_HELP = "none (start fresh), auto (newest complete checkpoint in run_dir, else fresh) or a checkpoint path"
+
+
+@dataclass
+class DataConfig:
+    """Pretraining data (a directory written by `linear-moe prepare`, or raw inputs prepared on the fly)."""
+
+    path: str | None = None  # prepared dataset directory; None -> run_dir/data (prepared from `inputs` if missing)
+    inputs: list[str] = field(default_factory=lambda: ["builtin:python-docs"])  # what to prepare when needed
+    tokenizer: str | None = None  # tokenizer.json for preparing; None trains a byte-level BPE of vocab_size
+    vocab_size: int = 4096  # BPE size when training a tokenizer
+    val_fraction: float = 0.02  # documents held out for the validation loss when preparing
+    text_field: str = "text"  # JSONL/Parquet field holding the text
+    seq_len: int = 128  # tokens per row
+    micro_batch_size: int = 8  # rows per micro-batch
+    seed: int = 0  # data order
 
 
 @dataclass
@@ -61,6 +84,78 @@ class TrainConfig:
 class FinetuneConfig:
     """Supervised finetuning (`linear-moe finetune`): the loss covers response tokens only."""
 
-    from_checkpoint: str | None = None  # checkpoint directory to start from (set by `finetune --from`)
+    from_checkpoint: str | None = None  # checkpoint the run started from (set by `finetune --from`)
+    data: str | None = None  # chat JSONL: {"prompt", "response"} or {"messages": [{"role", "content"}]} per line
+    val_fraction: float = 0.0  # examples held out for the validation loss
     prompt_key: str = "prompt"  # JSONL field of the prompt
     response_key: str = "response"  # JSONL field of the response
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data, training, finetuning. `preset` is the model preset the run started from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    preset: str | None = field(default=None, init=False)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, finetune)")
+    return raw
+
+
+def build_run_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """A RunConfig from a parsed YAML mapping and `key=value` overrides (see the module docstring)."""
+    raw = dict(raw)
+    model_raw = raw.pop("model", None) or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError("config key 'model' expects a mapping of model fields (and 'preset')")
+    model_raw = dict(model_raw)
+    preset = model_raw.pop("preset", None)
+    rest = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "model.preset":
+            preset = yaml.safe_load(value) if value.strip() else None
+        else:
+            rest.append(item)
+    base = get_preset(preset) if preset else ModelConfig()
+    model = from_dict(ModelConfig, _deep_merge(to_dict(base), model_raw))
+    cfg = from_dict(RunConfig, raw)
+    cfg = apply_overrides(dataclasses.replace(cfg, model=model), rest)
+    cfg.preset = preset
+    return cfg
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config from YAML `path` (None: the built-in default run) and apply `overrides`."""
+    return build_run_config(_read_yaml(path) if path is not None else {}, list(overrides))
+
+
+def run_config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as a plain dict, with the model preset's name first in the model section."""
+    d = to_dict(cfg)
+    d["model"] = {"preset": cfg.preset, **d["model"]}
+    return d
+
+
+def run_config_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(run_config_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -114,6 +114,7 @@ class Trainer:
         *,
         config_yaml: str = "",
         flops_per_token: float | None = None,
+        extra_files: dict[str, Path] | None = None,
     ) -> None:
         self.cfg, self.tc = cfg, cfg.train
         self.device = resolve_device(self.tc.device)
@@ -128,6 +129,7 @@ class Trainer:
         self.run_dir = Path(self.tc.run_dir)
         self.ckpt_root = self.run_dir / ckpt.CKPT_DIRNAME
         self.config_yaml = config_yaml
+        self.extra_files = extra_files or {}
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(self.device)
         self.step = 0
@@ -137,9 +139,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
+        micro_step = self.step * self.tc.grad_accum
+        epoch_of = getattr(self.data, "epoch_of", None)
         meta = {
             "tokens_seen": self.tokens_seen,
-            "data": {"step": self.step * self.tc.grad_accum, "seed": self.cfg.data.seed, "epoch": 0},
+            "data": {"step": micro_step, "seed": self.cfg.data.seed, "epoch": epoch_of(micro_step) if epoch_of else 0},
         }
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -149,6 +153,7 @@ class Trainer:
             config_yaml=self.config_yaml,
             meta=meta,
             keep_last=self.tc.keep_last,
+            extra_files=self.extra_files,
         )
 
     def resume(self, path: Path) -> None:

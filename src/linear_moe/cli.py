@@ -1,0 +1,168 @@
+"""`linear-moe prepare | train | finetune | plot`: thin typed functions over the library.
+
+Every user-facing failure (bad config key or value, missing or empty data, corrupt or mismatched
+checkpoint, a run directory that would be overwritten) prints one `error: ...` line on stderr and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from .train.logging import note
+
+EXIT_USAGE = 2
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def prepare(
+    inputs: list[str],
+    out: str,
+    tokenizer: str | None = None,
+    vocab_size: int = 4096,
+    text_field: str = "text",
+    split_docs: bool = False,
+    val_fraction: float = 0.0,
+    shard_tokens: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenize text (.txt/.md, .jsonl, .parquet, Hugging Face save_to_disk directories, builtin:python-docs)
+    into a dataset directory for `train` (data.path=OUT). Without --tokenizer a byte-level BPE of
+    --vocab-size is trained on the inputs."""
+    from .data import prepare as prepare_data
+
+    meta = prepare_data(
+        inputs,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        text_field=text_field,
+        split_docs=split_docs,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        overwrite=overwrite,
+    )
+    print(f"wrote {out}: {meta['n_tokens']:,} tokens in {meta['n_docs']:,} documents, vocab {meta['vocab_size']}")
+    return meta
+
+
+def train(config: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Pretrain a model. CONFIG is a YAML run config (default: the built-in small hybrid Gated-DeltaNet /
+    attention MoE on builtin:python-docs); `section.key=value` arguments override it, e.g.
+    `train.steps=100 model.preset=debug-mixtral`. Continue a run with `train.resume=auto`."""
+    from .train.run import run_training
+
+    return run_training(config, list(overrides))
+
+
+def finetune(config: str | None, from_checkpoint: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """Supervised finetuning from a checkpoint: the model (config and weights) and tokenizer come from
+    --from, the optimizer starts fresh, and the loss covers response tokens only. CONFIG sets the data
+    (finetune.data: a chat JSONL) and training options; `section.key=value` arguments override it."""
+    from .train.run import run_finetuning
+
+    return run_finetuning(config, from_checkpoint, list(overrides))
+
+
+def plot(run_dir: str) -> list[Path]:
+    """Write loss.png (train and val loss vs step) and expert_load.png (MoE layers x experts) into RUN_DIR
+    from its metrics.jsonl. Needs matplotlib."""
+    from .train.plot import plot_run
+
+    written = plot_run(Path(run_dir))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _doc(fn) -> str:
+    return inspect.getdoc(fn) or ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linear-moe", description=(__doc__ or "").splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("prepare", help=_doc(prepare).splitlines()[0], description=_doc(prepare), formatter_class=fmt)
+    p.add_argument("inputs", nargs="+", help="files, directories, or builtin:python-docs")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--tokenizer", default=None, help="an existing tokenizer.json (default: train a BPE)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when training (default 4096)")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default text)")
+    p.add_argument("--split-docs", action="store_true", help="split .txt/.md files at blank lines into documents")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="documents held out for validation (default 0)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default: one file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(
+        run=lambda a: prepare(
+            a.inputs,
+            a.out,
+            a.tokenizer,
+            a.vocab_size,
+            a.text_field,
+            a.split_docs,
+            a.val_fraction,
+            a.shard_tokens,
+            a.overwrite,
+        )
+    )
+
+    p = sub.add_parser("train", help=_doc(train).splitlines()[0], description=_doc(train), formatter_class=fmt)
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.set_defaults(run=lambda a: train(*_split_config(a.args)))
+
+    p = sub.add_parser("finetune", help=_doc(finetune).splitlines()[0], description=_doc(finetune), formatter_class=fmt)
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT_DIR", help="checkpoint")
+    p.set_defaults(run=lambda a: _finetune_args(a.args, a.from_checkpoint))
+
+    p = sub.add_parser("plot", help=_doc(plot).splitlines()[0], description=_doc(plot), formatter_class=fmt)
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.set_defaults(run=lambda a: plot(a.run_dir))
+    return parser
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    stray = [a for a in args[1:] if "=" not in a]
+    if stray:
+        raise ValueError(f"unexpected argument {stray[0]!r}: give the config file first, then key=value overrides")
+    return None, args
+
+
+def _finetune_args(args: list[str], from_checkpoint: str) -> dict[str, Any]:
+    config, overrides = _split_config(args)
+    return finetune(config, from_checkpoint, overrides)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `linear-moe` and `python -m linear_moe`."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+    return 0
+
+
+__all__ = ["main", "prepare", "train", "finetune", "plot"]

@@ -1,0 +1,259 @@
+"""What `linear-moe train` and `linear-moe finetune` do: resolve the config, check the run directory,
+prepare/open the data, build the model, train, plot, and print a sample.
+
+Run directory (`train.run_dir`):
+
+    config.yaml       the merged config of the latest invocation
+    data/             the prepared dataset when data.path is not set
+    checkpoints/      step-XXXXXXX/ (+ tokenizer.json), latest
+    metrics.jsonl     training and validation records
+    tb/               TensorBoard events
+    loss.png, expert_load.png
+
+A new run (`train.resume=none`) refuses a non-empty run directory; `train.resume=auto` continues
+from the newest complete checkpoint (or starts fresh when there is none) and refuses a run directory
+whose stored config has a different model or data section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import ConfigError
+from . import checkpoint as ckpt
+from .config import RunConfig, build_run_config, load_run_config, run_config_dict, run_config_yaml
+from .generate_sample import generate
+from .logging import note
+from .trainer import Trainer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as `key: old -> new`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_same_model_and_data(stored_yaml: str, cfg: RunConfig, where: str, sections=("model", "data")) -> None:
+    """Refuse to continue `where` (a run dir or checkpoint) when its stored config differs in `sections`."""
+    stored = yaml.safe_load(stored_yaml) or {}
+    new = run_config_dict(cfg)
+    diffs = [d for s in sections for d in _differences(stored.get(s), new.get(s), s)]
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise ConfigError(f"{where} was written with a different config: {diffs[0]}{more}; use a new train.run_dir")
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to continue from (None: start fresh); refuses to overwrite an existing run."""
+    run_dir, resume = Path(cfg.train.run_dir), cfg.train.resume
+    if resume == "none":
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ConfigError(
+                f"run directory {run_dir} is not empty; continue it with train.resume=auto or choose a new "
+                "train.run_dir"
+            )
+        return None
+    if resume == "auto":
+        return ckpt.find_latest(run_dir / ckpt.CKPT_DIRNAME)
+    path = Path(resume)
+    ckpt.read_meta(path)
+    return path
+
+
+def ensure_dataset(cfg: RunConfig) -> Path:
+    """The prepared dataset directory: data.path, or run_dir/data; prepared from data.inputs if missing."""
+    from ..data import prepare
+
+    path = Path(cfg.data.path) if cfg.data.path else Path(cfg.train.run_dir) / "data"
+    if (path / "meta.json").is_file():
+        return path
+    if not cfg.data.inputs:
+        raise ConfigError(f"no prepared dataset at {path} and data.inputs is empty; set data.path or data.inputs")
+    note(f"preparing {', '.join(cfg.data.inputs)} into {path}")
+    prepare(
+        cfg.data.inputs,
+        path,
+        tokenizer=cfg.data.tokenizer,
+        vocab_size=cfg.data.vocab_size,
+        text_field=cfg.data.text_field,
+        val_fraction=cfg.data.val_fraction,
+        progress=cfg.train.progress,
+    )
+    return path
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The model of `cfg`, initialised from train.seed."""
+    from ..model import LinearMoEForCausalLM
+
+    torch.manual_seed(cfg.train.seed)
+    return LinearMoEForCausalLM(cfg.model)
+
+
+def describe(cfg: RunConfig, model: torch.nn.Module, n_tokens: int) -> str:
+    from ..model import count_params
+
+    total, active = count_params(cfg.model), count_params(cfg.model, active=True)
+    return (
+        f"model: {cfg.preset or 'custom'}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active); "
+        f"data: {n_tokens:,} tokens; run dir: {cfg.train.run_dir}"
+    )
+
+
+def _flops(cfg: RunConfig) -> float | None:
+    from ..model import flops_per_token
+
+    return float(flops_per_token(cfg.model, cfg.data.seq_len))
+
+
+def _prepare_run_dir(cfg: RunConfig, resume_from: Path | None) -> str:
+    """Check a continued run's stored config, then write the merged config; returns its YAML."""
+    run_dir = Path(cfg.train.run_dir)
+    stored = run_dir / ckpt.CONFIG
+    if stored.is_file() and cfg.train.resume != "none":
+        check_same_model_and_data(stored.read_text(), cfg, f"run directory {run_dir}")
+    if resume_from is not None:
+        check_same_model_and_data(ckpt.read_config_text(resume_from), cfg, f"checkpoint {resume_from}", ("model",))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = run_config_yaml(cfg)
+    stored.write_text(text)
+    return text
+
+
+def _finish(cfg: RunConfig, trainer: Trainer, summary: dict[str, Any], tokenizer_path: Path, chat: bool) -> None:
+    from ..data import Tokenizer, chat_prompt
+
+    tc = cfg.train
+    if tc.plot:
+        try:
+            from .plot import plot_run
+
+            plot_run(Path(tc.run_dir))
+        except ImportError as e:
+            note(f"note: {e}; skipping plots")
+    first, last, val = summary["first_loss"], summary["last_loss"], summary["val_loss"]
+    if first is not None:
+        val_text = f", val loss {val:.3f}" if val is not None else ""
+        print(
+            f"trained {summary['steps']} steps in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}{val_text}; "
+            f"checkpoint {summary['checkpoint']}"
+        )
+    if tc.sample_prompt and tc.sample_tokens > 0:
+        tok = Tokenizer.from_file(tokenizer_path)
+        if chat:
+            ids = chat_prompt(tok, [{"role": "user", "content": tc.sample_prompt}])
+        else:
+            ids = tok.encode(tc.sample_prompt)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=trainer.device)
+        out = generate(
+            trainer.model, input_ids, tc.sample_tokens, tc.sample_temperature, tc.sample_top_k, tc.seed, tok.eos_id
+        )
+        text = tok.decode(out[0, len(ids) :].tolist())
+        print(f"sample: {tc.sample_prompt}{text}" if not chat else f"sample ({tc.sample_prompt!r}): {text}")
+
+
+def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """`linear-moe train`: see the module docstring."""
+    from ..data import PackedDataset
+
+    cfg = load_run_config(config, overrides)
+    resume_from = resolve_resume(cfg)
+    data_dir = ensure_dataset(cfg)
+    ds = PackedDataset(data_dir, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.seed)
+    cfg = _with_vocab(cfg, ds.vocab_size)
+    config_yaml = _prepare_run_dir(cfg, resume_from)
+    model = build_model(cfg)
+    note(describe(cfg, model, ds.num_tokens))
+    trainer = Trainer(
+        cfg,
+        model,
+        ds,
+        ds.val,
+        config_yaml=config_yaml,
+        flops_per_token=_flops(cfg),
+        extra_files={TOKENIZER_FILE: data_dir / TOKENIZER_FILE},
+    )
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        note(f"resumed from {resume_from} at step {trainer.step}")
+    summary = trainer.fit()
+    _finish(cfg, trainer, summary, data_dir / TOKENIZER_FILE, chat=False)
+    return summary
+
+
+def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    """model.vocab_size always follows the data's tokenizer."""
+    new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    new.preset = cfg.preset
+    return new
+
+
+def load_finetune_config(config: str | None, from_checkpoint: str, overrides: list[str]) -> RunConfig:
+    """Model section from the checkpoint; data/train/finetune from CONFIG and overrides."""
+    from .config import _read_yaml
+
+    source = Path(from_checkpoint)
+    stored = yaml.safe_load(ckpt.read_config_text(source)) or {}
+    raw = _read_yaml(config) if config is not None else {}
+    if raw.get("model") or any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+        raise ConfigError(f"finetune takes the model from the checkpoint {source}; remove the model settings")
+    raw["model"] = stored.get("model", {})
+    cfg = build_run_config(raw, overrides)
+    cfg.finetune.from_checkpoint = str(source)
+    return cfg
+
+
+def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str]) -> dict[str, Any]:
+    """`linear-moe finetune`: SFT from a checkpoint with a fresh optimizer (loss on response tokens only)."""
+    from ..data import SFTDataset
+
+    cfg = load_finetune_config(config, from_checkpoint, overrides)
+    source = Path(from_checkpoint)
+    resume_from = resolve_resume(cfg)
+    ft = cfg.finetune
+    if not ft.data:
+        raise ConfigError("finetune needs finetune.data: a chat JSONL file (prompt/response or messages records)")
+    tokenizer_path = source / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise ckpt.CheckpointError(f"checkpoint {source}: incomplete or corrupt (missing {TOKENIZER_FILE})")
+    ds = SFTDataset(
+        ft.data,
+        tokenizer_path,
+        cfg.data.seq_len,
+        cfg.data.micro_batch_size,
+        cfg.data.seed,
+        prompt_key=ft.prompt_key,
+        response_key=ft.response_key,
+        val_fraction=ft.val_fraction,
+    )
+    config_yaml = _prepare_run_dir(cfg, resume_from)
+    model = build_model(cfg)
+    trainer = Trainer(
+        cfg,
+        model,
+        ds,
+        ds.val,
+        config_yaml=config_yaml,
+        flops_per_token=_flops(cfg),
+        extra_files={TOKENIZER_FILE: tokenizer_path},
+    )
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        note(f"resumed from {resume_from} at step {trainer.step}")
+    else:
+        ckpt.load_checkpoint(source, trainer.model, optimizer=None, restore_rng_state=False)
+        note(f"finetuning from {source} ({ds.num_tokens:,} tokens in {len(ds.examples)} examples)")
+    summary = trainer.fit()
+    _finish(cfg, trainer, summary, tokenizer_path, chat=True)
+    return summary
