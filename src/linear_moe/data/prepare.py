@@ -245,7 +245,7 @@ def prepare(
     val_fraction: the last ceil(fraction * n_docs) documents go to `out_dir/val/` (at least 1 stays in train).
     shard_tokens: write `tokens-XXXXX.bin` shards of this many tokens instead of one `tokens.bin`.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     _check_out_dir(out, overwrite)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1); got {val_fraction}")
