@@ -35,8 +35,8 @@ def _run(engine, q, k, v, gk, gv, scale, initial_state, output_final_state, stat
 
     o, s = cc.packed(fn, cu_seqlens, q, k, v, gk, gv)
     if not output_final_state:
-        return o.to(v.dtype), None
-    return o.to(v.dtype), (s.transpose(-1, -2) if state_v_first else s)
+        return o.to(q.dtype), None
+    return o.to(q.dtype), (s.transpose(-1, -2) if state_v_first else s)
 
 
 def chunk_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,

@@ -58,8 +58,8 @@ def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, c
     o, s = cc.packed(lambda q_, k_, v_: engine(q_, k_, v_, None, scale, s0, **opts), cu_seqlens, q, k, v)
     if normalize:
         o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
-        return o.to(v.dtype), ((s, z) if output_final_state else None)
-    return o.to(v.dtype), (s if output_final_state else None)
+        return o.to(q.dtype), ((s, z) if output_final_state else None)
+    return o.to(q.dtype), (s if output_final_state else None)
 
 
 def chunk_linear_attn_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,

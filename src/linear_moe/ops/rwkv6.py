@@ -29,7 +29,7 @@ def _run(engine, r, k, v, w, u, scale, initial_state, output_final_state, cu_seq
     scale = r.shape[-1] ** -0.5 if scale is None else scale
     o, s = cc.packed(lambda r_, k_, v_, w_: engine(r_, k_, v_, w_, scale, initial_state, bonus_HK=u, **opts),
                      cu_seqlens, r, k, v, w)
-    return o.to(v.dtype), (s if output_final_state else None)
+    return o.to(r.dtype), (s if output_final_state else None)
 
 
 def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,

@@ -39,8 +39,8 @@ def _run(engine, q, k, v, g, scale, initial_state, output_final_state, state_v_f
     h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
     o, s = cc.packed(lambda q_, k_, v_, g_: engine(q_, k_, v_, g_, scale, h0, **opts), cu_seqlens, q, k, v, g)
     if not output_final_state:
-        return o.to(v.dtype), None
-    return o.to(v.dtype), (s.transpose(-1, -2) if state_v_first else s)
+        return o.to(q.dtype), None
+    return o.to(q.dtype), (s.transpose(-1, -2) if state_v_first else s)
 
 
 def chunk_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g_gamma: Tensor | None = None,
