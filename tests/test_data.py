@@ -152,7 +152,11 @@ def test_prepare_errors(tok, tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "p.parquet")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     cases = [
+        ([str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+        ([str(tmp_path / "broken.parquet")], "broken.parquet: unreadable"),
         ([str(tmp_path / "nope.txt")], "input not found"),
         ([str(tmp_path / "blank.txt")], "no text found"),
         ([str(tmp_path / "x.csv")], "unknown input format '.csv'"),

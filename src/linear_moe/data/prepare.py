@@ -126,16 +126,22 @@ def _documents(source: str, text_field: str, split_docs: bool, hf_split: str) ->
         for f in _source_files(path):
             yield from _documents(str(f), text_field, split_docs, hf_split)
         return
-    if path.suffix in TEXT_EXTS:
-        yield from _read_txt(path, split_docs)
-    elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
-    elif path.suffix == ".parquet":
-        yield from _read_parquet(path, text_field)
-    elif path.suffix == ".arrow":
-        yield from _read_arrow(path, text_field)
-    else:
+    readers = {
+        ".jsonl": lambda: _read_jsonl(path, text_field),
+        ".parquet": lambda: _read_parquet(path, text_field),
+        ".arrow": lambda: _read_arrow(path, text_field),
+        **{ext: lambda: _read_txt(path, split_docs) for ext in TEXT_EXTS},
+    }
+    if path.suffix not in readers:
         raise DataError(f"unknown input format '{path.suffix or path.name}' ({source}); valid: {FORMATS}, .arrow")
+    import pyarrow as pa
+
+    try:
+        yield from readers[path.suffix]()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def iter_documents(
