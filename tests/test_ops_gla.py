@@ -323,3 +323,17 @@ def test_bad_input_per_family():
         hgrn.chunk_hgrn_torch(q, q)
     with pytest.raises(ValueError, match="normalize=True"):
         linear_attn.fused_recurrent_linear_attn_torch(q, k, v, initial_state=(torch.zeros(1, 2, 4, 3),) * 2)
+
+
+def test_hgrn_uses_fla_chunk_kernel_only_without_state_gradients():
+    """fla's chunk_hgrn has no cu_seqlens and drops state gradients; such calls must go to fused_recurrent_hgrn."""
+    x, g = torch.randn(1, 6, 4, requires_grad=True), torch.randn(1, 6, 4)
+    h0, h0_grad = torch.zeros(1, 4), torch.zeros(1, 4, requires_grad=True)
+    exact = hgrn._fla_chunk_hgrn_is_exact
+    assert exact(x, g, None, False, None)
+    assert exact(x, g, h0, False, None)
+    assert not exact(x, g, None, False, torch.tensor([0, 2, 6]))
+    assert not exact(x, g, h0_grad, False, None)
+    assert not exact(x, g, None, True, None)
+    with torch.no_grad():
+        assert exact(x, g, h0_grad, True, None)

@@ -36,6 +36,7 @@ class Case:
     reference: Callable[..., Any]  # our chunk_*_torch
     make: Callable[[int, int, int], dict[str, torch.Tensor]]  # (batch, time, n_states) -> leaves
     kwargs: Callable[[dict[str, torch.Tensor], bool], dict[str, Any]]  # (leaves, recurrent) -> call kwargs
+    final_state: bool = True  # ask for (and backpropagate through) the final state
 
 
 def _randn(*shape, dtype=BF16):
@@ -117,6 +118,10 @@ CASES = {
     "linear_attn-raw": Case(linear_attn.chunk_linear_attn, linear_attn.fused_recurrent_linear_attn,
                             linear_attn.chunk_linear_attn_torch, make_qkv, kw_linear_attn_raw),
     "hgrn": Case(hgrn.chunk_hgrn, hgrn.fused_recurrent_hgrn, hgrn.chunk_hgrn_torch, make_hgrn, kw_plain),
+    # no state gradients needed: the only case that reaches fla's chunk_hgrn kernel itself (ops/hgrn.py)
+    "hgrn-stateless": Case(hgrn.chunk_hgrn, hgrn.fused_recurrent_hgrn, hgrn.chunk_hgrn_torch,
+                           lambda b, t, n: {k: v for k, v in make_hgrn(b, t, n).items() if k != "initial_state"},
+                           kw_plain, final_state=False),
 }
 
 
@@ -130,9 +135,9 @@ def flat(state: Any) -> list[torch.Tensor]:
 
 
 def run(fn: Callable[..., Any], leaves: dict[str, torch.Tensor], kwargs: dict[str, Any], cu_seqlens,
-        grads_out: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
-    o, s = fn(**kwargs, output_final_state=True, cu_seqlens=cu_seqlens)
-    states = flat(s)
+        grads_out: list[torch.Tensor], final_state: bool) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    o, s = fn(**kwargs, output_final_state=final_state, cu_seqlens=cu_seqlens)
+    states = flat(s) if final_state else []
     loss = (o.float() * grads_out[0]).sum() + sum((st.float() * d).sum() for st, d in zip(states, grads_out[1:],
                                                                                             strict=True))
     loss.backward()
@@ -154,12 +159,14 @@ def test_fla_kernel_matches_torch_reference(case, recurrent, packed):
     fla_leaves = {name: t.detach().clone().requires_grad_() for name, t in base.items()}
     ref_leaves = {name: t.detach().float().requires_grad_() for name, t in base.items()}
     with torch.no_grad():
-        o_probe, s_probe = c.reference(**c.kwargs(ref_leaves, False), output_final_state=True, cu_seqlens=cu)
-    grads_out = [torch.randn_like(o_probe)] + [torch.randn_like(s) for s in flat(s_probe)]
+        o_probe, s_probe = c.reference(**c.kwargs(ref_leaves, False), output_final_state=c.final_state,
+                                       cu_seqlens=cu)
+    grads_out = [torch.randn_like(o_probe)] + [torch.randn_like(s) for s in (flat(s_probe) if c.final_state else [])]
 
     fn = c.recurrent if recurrent else c.chunk
-    o, states, grads = run(fn, fla_leaves, c.kwargs(fla_leaves, recurrent), cu, grads_out)
-    o_ref, states_ref, grads_ref = run(c.reference, ref_leaves, c.kwargs(ref_leaves, False), cu, grads_out)
+    o, states, grads = run(fn, fla_leaves, c.kwargs(fla_leaves, recurrent), cu, grads_out, c.final_state)
+    o_ref, states_ref, grads_ref = run(c.reference, ref_leaves, c.kwargs(ref_leaves, False), cu, grads_out,
+                                       c.final_state)
 
     assert o.shape == o_ref.shape
     errors = {"o": rel_err(o, o_ref)}

@@ -1,8 +1,8 @@
 """HGRN's element-wise gated recurrence (arXiv:2311.04823): h_t = exp(g_t) * h_t-1 + x_t, o_t = h_t,
 with `x, g [B, T, D]` (no heads; `g` is the log forget gate) and state `[N, D]`.
 
-fla's `chunk_hgrn` takes no `cu_seqlens`: on CUDA a packed call is routed to fla's `fused_recurrent_hgrn`
-(which supports it and has a backward). The PyTorch chunk form runs the shared chunk engine with one
+fla's `chunk_hgrn` takes no `cu_seqlens` and gives no gradient to the initial or final state: on CUDA such calls
+are routed to fla's `fused_recurrent_hgrn` (which supports both). The PyTorch chunk form runs the shared chunk engine with one
 "head" per channel and K = V = 1.
 """
 
@@ -52,15 +52,28 @@ def fused_recurrent_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | Non
     return _run(cc.recurrent_gated, x, g, initial_state, output_final_state, cu_seqlens)
 
 
+def _fla_chunk_hgrn_is_exact(x: Tensor, g: Tensor, initial_state: Tensor | None, output_final_state: bool,
+                             cu_seqlens: Tensor | None) -> bool:
+    """fla's `chunk_hgrn` takes no cu_seqlens, and its backward drops the gradients of both states (no dh0,
+    dht ignored): use it only when neither state needs a gradient."""
+    if cu_seqlens is not None:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    state_grad = initial_state is not None and initial_state.requires_grad
+    return not state_grad and not (output_final_state and (x.requires_grad or g.requires_grad))
+
+
 def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
                cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_hgrn` on CUDA (`fused_recurrent_hgrn` when packed), else `chunk_hgrn_torch`.
+    """fla's `chunk_hgrn` on CUDA, else `chunk_hgrn_torch`. On CUDA, packed calls and calls that need a gradient
+    through a state run fla's `fused_recurrent_hgrn` instead (see `_fla_chunk_hgrn_is_exact`).
     (`cu_seqlens` is our addition: fla's `chunk_hgrn` has none.)"""
     if use_fla(x):
         _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
-        if cu_seqlens is not None:
-            return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
-        return fla_op("hgrn", "chunk_hgrn")(x, g, initial_state, output_final_state)
+        if _fla_chunk_hgrn_is_exact(x, g, initial_state, output_final_state, cu_seqlens):
+            return fla_op("hgrn", "chunk_hgrn")(x, g, initial_state, output_final_state)
+        return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
     return chunk_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)
 
 
