@@ -337,3 +337,10 @@ def test_hgrn_uses_fla_chunk_kernel_only_without_state_gradients():
     assert not exact(x, g, None, True, None)
     with torch.no_grad():
         assert exact(x, g, h0_grad, True, None)
+
+
+def test_head_first_is_rejected():
+    tk, _ = make_gla(1, 4, 2, 4, 3, F64, -1.0)
+    with pytest.raises(ValueError, match="head_first"):
+        gla.chunk_gla(**tk, head_first=True)
+    gla.chunk_gla(**tk, head_first=False)  # the fla 0.6 default is accepted

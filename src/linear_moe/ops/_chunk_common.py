@@ -34,6 +34,17 @@ def expect_shape(name: str, arg: str, t: Tensor | None, shape: tuple[int, ...], 
         raise ValueError(f"{name}: `{arg}` must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def reject_head_first(name: str, kwargs: dict) -> None:
+    """fla 0.6 removed `head_first`; a caller still passing it would silently get the wrong layout."""
+    if kwargs.get("head_first"):
+        raise ValueError(f"{name}: head_first=True was removed in fla 0.6; pass inputs as [B, T, H, D]")
+
+
+def fla_kwargs(kwargs: dict) -> dict:
+    """Extra keyword arguments to forward to an fla op that takes **kwargs (fla raises on any `head_first`)."""
+    return {k: v for k, v in kwargs.items() if k != "head_first"}
+
+
 def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, **gates: Tensor | None) -> int:
     """Validate `[B, T, H, D]` q/k/v (+ 4-D gates of q's shape) and packing; return N (batch or documents)."""
     from linear_moe.ops._dispatch import check_layout, check_varlen

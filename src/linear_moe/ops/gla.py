@@ -45,6 +45,7 @@ def chunk_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | N
                     cu_seqlens_cpu: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. q, k, g `[B, T, H, K]`, v `[B, T, H, V]`, initial_state `[N, H, K, V]`
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
+    cc.reject_head_first("chunk_gla", kwargs)
     _check("chunk_gla", q, k, v, g, None, initial_state, state_v_first, cu_seqlens)
     return _run(cc.chunk_gated, q, k, v, g, None, scale, initial_state, output_final_state, state_v_first,
                 cu_seqlens, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
@@ -55,6 +56,7 @@ def fused_recurrent_gla_torch(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None
                               output_final_state: bool = False, reverse: bool = False, state_v_first: bool = False,
                               cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path). gk `[B, T, H, K]`, gv `[B, T, H, V]` (optional)."""
+    cc.reject_head_first("fused_recurrent_gla", kwargs)
     _check("fused_recurrent_gla", q, k, v, gk, gv, initial_state, state_v_first, cu_seqlens)
     return _run(cc.recurrent_gated, q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_first,
                 cu_seqlens, reverse=reverse)
@@ -66,6 +68,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = 
               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_gla` on CUDA (extra kwargs dropped: fla takes none; initial_state cast to float32,
     which fla asserts), else `chunk_gla_torch`."""
+    cc.reject_head_first("chunk_gla", kwargs)
     if use_fla(q):
         _check("chunk_gla", q, k, v, g, None, initial_state, state_v_first, cu_seqlens)
         return fla_op("gla", "chunk_gla")(
@@ -81,10 +84,11 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = Non
                         output_final_state: bool = False, reverse: bool = False, state_v_first: bool = False,
                         cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_gla` on CUDA, else `fused_recurrent_gla_torch`."""
+    cc.reject_head_first("fused_recurrent_gla", kwargs)
     if use_fla(q):
         _check("fused_recurrent_gla", q, k, v, gk, gv, initial_state, state_v_first, cu_seqlens)
         return fla_op("gla", "fused_recurrent_gla")(
             q, k, v, gk=gk, gv=gv, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            reverse=reverse, state_v_first=state_v_first, cu_seqlens=cu_seqlens, **kwargs)
+            reverse=reverse, state_v_first=state_v_first, cu_seqlens=cu_seqlens, **cc.fla_kwargs(kwargs))
     return fused_recurrent_gla_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse,
                                      state_v_first, cu_seqlens, **kwargs)

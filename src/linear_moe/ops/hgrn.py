@@ -39,6 +39,7 @@ def _run(engine, x, g, initial_state, output_final_state, cu_seqlens, **opts):
 def chunk_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
                      cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. x, g `[B, T, D]`, initial_state `[N, D]` -> o `[B, T, D]`, final `[N, D]` or None."""
+    cc.reject_head_first("chunk_hgrn", kwargs)
     _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
     return _run(cc.chunk_gated, x, g, initial_state, output_final_state, cu_seqlens,
                 chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
@@ -48,6 +49,7 @@ def fused_recurrent_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | Non
                                output_final_state: bool = False, cu_seqlens: Tensor | None = None,
                                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_hgrn_torch`."""
+    cc.reject_head_first("fused_recurrent_hgrn", kwargs)
     _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
     return _run(cc.recurrent_gated, x, g, initial_state, output_final_state, cu_seqlens)
 
@@ -69,6 +71,7 @@ def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output
     """fla's `chunk_hgrn` on CUDA, else `chunk_hgrn_torch`. On CUDA, packed calls and calls that need a gradient
     through a state run fla's `fused_recurrent_hgrn` instead (see `_fla_chunk_hgrn_is_exact`).
     (`cu_seqlens` is our addition: fla's `chunk_hgrn` has none.)"""
+    cc.reject_head_first("chunk_hgrn", kwargs)
     if use_fla(x):
         _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
         if _fla_chunk_hgrn_is_exact(x, g, initial_state, output_final_state, cu_seqlens):
@@ -80,6 +83,7 @@ def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output
 def fused_recurrent_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
                          cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_hgrn` on CUDA, else `fused_recurrent_hgrn_torch`."""
+    cc.reject_head_first("fused_recurrent_hgrn", kwargs)
     if use_fla(x):
         _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
         return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)

@@ -67,6 +67,7 @@ def chunk_linear_attn_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None
                             normalize: bool = True, cu_seqlens: Tensor | None = None,
                             **kwargs: Any) -> tuple[Tensor, State | None]:
     """PyTorch chunked form. q, k `[B, T, H, K]`, v `[B, T, H, V]` -> o `[B, T, H, V]`, final state (see module)."""
+    cc.reject_head_first("chunk_linear_attn", kwargs)
     return _run(cc.chunk_gated, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens,
                 "chunk_linear_attn", chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
 
@@ -76,6 +77,7 @@ def fused_recurrent_linear_attn_torch(q: Tensor, k: Tensor, v: Tensor, scale: fl
                                       reverse: bool = False, normalize: bool = False,
                                       cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, State | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_linear_attn_torch`."""
+    cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
     return _run(cc.recurrent_gated, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens,
                 "fused_recurrent_linear_attn", reverse=reverse)
 
@@ -84,6 +86,7 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
                       initial_state: State | None = None, output_final_state: bool = False, normalize: bool = True,
                       cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, State | None]:
     """fla's `chunk_linear_attn` on CUDA (extra kwargs dropped), else `chunk_linear_attn_torch`."""
+    cc.reject_head_first("chunk_linear_attn", kwargs)
     if use_fla(q):
         _split_state("chunk_linear_attn", q, v, initial_state, normalize, cu_seqlens)
         return fla_op("linear_attn", "chunk_linear_attn")(
@@ -97,6 +100,7 @@ def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | 
                                 reverse: bool = False, normalize: bool = False, cu_seqlens: Tensor | None = None,
                                 **kwargs: Any) -> tuple[Tensor, State | None]:
     """fla's `fused_recurrent_linear_attn` on CUDA (extra kwargs dropped), else the token loop."""
+    cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
     if use_fla(q):
         _split_state("fused_recurrent_linear_attn", q, v, initial_state, normalize, cu_seqlens)
         return fla_op("linear_attn", "fused_recurrent_linear_attn")(

@@ -38,6 +38,7 @@ def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, sca
                       **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. r, k, w `[B, T, H, K]`, v `[B, T, H, V]`, u `[H, K]`, initial_state `[N, H, K, V]`
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
+    cc.reject_head_first("chunk_rwkv6", kwargs)
     _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
     return _run(cc.chunk_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
                 chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, rwkv=True)
@@ -48,6 +49,7 @@ def fused_recurrent_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: T
                                 reverse: bool = False, cu_seqlens: Tensor | None = None,
                                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_rwkv6_torch`."""
+    cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
     _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
     return _run(cc.recurrent_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
                 reverse=reverse)
@@ -58,11 +60,12 @@ def chunk_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: fl
                 cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_rwkv6` on CUDA, else `chunk_rwkv6_torch`."""
+    cc.reject_head_first("chunk_rwkv6", kwargs)
     if use_fla(r):
         _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
         return fla_op("rwkv6", "chunk_rwkv6")(
             r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **cc.fla_kwargs(kwargs))
     return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu,
                              **kwargs)
 
@@ -72,6 +75,7 @@ def fused_recurrent_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
                           reverse: bool = False, cu_seqlens: Tensor | None = None,
                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop."""
+    cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
     if use_fla(r):
         _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
         return fla_op("rwkv6", "fused_recurrent_rwkv6")(

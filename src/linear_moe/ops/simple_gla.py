@@ -50,6 +50,7 @@ def chunk_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = N
                            **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]`, g_gamma `[H]`,
     initial_state `[N, H, K, V]` -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
+    cc.reject_head_first("chunk_simple_gla", kwargs)
     g = _check("chunk_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
     return _run(cc.chunk_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                 chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
@@ -61,6 +62,7 @@ def fused_recurrent_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
                                      reverse: bool = False, state_v_first: bool = False,
                                      cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_simple_gla_torch`."""
+    cc.reject_head_first("fused_recurrent_simple_gla", kwargs)
     g = _check("fused_recurrent_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
     return _run(cc.recurrent_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
                 cu_seqlens, reverse=reverse)
@@ -71,12 +73,13 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g
                      state_v_first: bool = False, cu_seqlens: Tensor | None = None,
                      cu_seqlens_cpu: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_simple_gla` on CUDA, else `chunk_simple_gla_torch` (same arguments)."""
+    cc.reject_head_first("chunk_simple_gla", kwargs)
     if use_fla(q):
         _check("chunk_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
         return fla_op("simple_gla", "chunk_simple_gla")(
             q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+            cu_seqlens_cpu=cu_seqlens_cpu, **cc.fla_kwargs(kwargs))
     return chunk_simple_gla_torch(q, k, v, g, g_gamma, scale, initial_state, output_final_state, state_v_first,
                                   cu_seqlens, cu_seqlens_cpu, **kwargs)
 
@@ -87,11 +90,12 @@ def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
                                reverse: bool = False, state_v_first: bool = False, cu_seqlens: Tensor | None = None,
                                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_simple_gla` on CUDA, else `fused_recurrent_simple_gla_torch`."""
+    cc.reject_head_first("fused_recurrent_simple_gla", kwargs)
     if use_fla(q):
         _check("fused_recurrent_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
         return fla_op("simple_gla", "fused_recurrent_simple_gla")(
             q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
-            cu_seqlens=cu_seqlens, **kwargs)
+            cu_seqlens=cu_seqlens, **cc.fla_kwargs(kwargs))
     return fused_recurrent_simple_gla_torch(q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
                                             state_v_first, cu_seqlens, **kwargs)
