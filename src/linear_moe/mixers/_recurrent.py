@@ -35,6 +35,11 @@ def check_call(mixer: Mixer, x: torch.Tensor, state: MixerState | None, cu_seqle
             raise ValueError(f"{name}: state[{k!r}] has {state[k].shape[0]} rows, expected {n} (batch or documents)")
 
 
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """`t` in its accumulation dtype: float32 for half precision, float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def use_recurrent_kernel(mixer: nn.Module, state: MixerState | None, seq_len: int) -> bool:
     """Decoding (state given, short input, not training) runs `fused_recurrent_*`; everything else `chunk_*`."""
     return state is not None and seq_len <= DECODE_MAX_LEN and not mixer.training

@@ -10,7 +10,7 @@ from linear_moe.ops import varlen
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension (computed in float32)."""
+    """RMSNorm over the last dimension (computed in at least float32)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
         super().__init__()
@@ -18,7 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float() if self.weight is not None else None,
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 for half precision; float64 stays float64
+        return F.rms_norm(x.to(acc), x.shape[-1:], self.weight.to(acc) if self.weight is not None else None,
                           self.eps).to(x.dtype)
 
 
@@ -32,7 +33,7 @@ class GatedRMSNorm(RMSNorm):
         self.act = F.silu if activation == "swish" else torch.sigmoid
 
     def forward(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(o) * self.act(g.float()).to(o.dtype)
+        return super().forward(o) * self.act(g.to(torch.promote_types(g.dtype, torch.float32))).to(o.dtype)
 
 
 class ShortConvolution(nn.Module):

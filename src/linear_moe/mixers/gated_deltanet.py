@@ -17,7 +17,7 @@ GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
 def decay_log(a_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor) -> torch.Tensor:
     """Mamba2-style per-head log decay g = -exp(A_log) * softplus(a + dt_bias), float32 [B, T, H]."""
-    return -A_log_H.float().exp() * F.softplus(a_BTH.float() + dt_bias_H.float())
+    return -rec.acc(A_log_H).exp() * F.softplus(rec.acc(a_BTH) + rec.acc(dt_bias_H))
 
 
 class GatedDeltaNet(Mixer):

@@ -14,16 +14,16 @@ from linear_moe.mixers.common import GatedRMSNorm, ShortConvolution
 def layer_lower_bounds(logits_LD: torch.Tensor) -> torch.Tensor:
     """HGRN's per-layer forget-gate lower bounds from learned logits [L, D]: cumsum(softmax over layers)
     shifted so that layer 0 gets 0 and bounds increase with depth (arXiv:2311.04823, Sec. 3.2). -> [L, D]."""
-    p_LD = logits_LD.float().softmax(0)
+    p_LD = rec.acc(logits_LD).softmax(0)
     return p_LD.cumsum(0) - p_LD[0]
 
 
 def bounded_log_forget(f_raw: torch.Tensor, lower_bound: torch.Tensor | None) -> torch.Tensor:
     """log of the forget gate lambda = gamma + (1 - gamma) sigmoid(f_raw) (gamma = lower bound, 0 if None)."""
-    f = F.logsigmoid(f_raw.float())
+    f = F.logsigmoid(rec.acc(f_raw))
     if lower_bound is None:
         return f
-    gamma = lower_bound.float()
+    gamma = lower_bound.to(f.dtype)
     return torch.logaddexp(gamma.log(), torch.log1p(-gamma) + f)
 
 
@@ -76,7 +76,7 @@ class HGRNAttention(Mixer):
             convs = {"i": self.i_conv1d, "f": self.f_conv1d}
             (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens)
         log_f_BTI = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
-        i_BTI = (F.silu(i.float()) * -torch.expm1(log_f_BTI)).to(x.dtype)  # (1 - lambda) silu(i)
+        i_BTI = (F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)).to(x.dtype)  # (1 - lambda) silu(i)
 
         keep = use_cache or state is not None
         fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, T))

@@ -21,10 +21,10 @@ class GroupedGatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gate = F.silu(z.float())
-        h = y.float() if self.norm_before_gate else y.float() * gate
+        gate = F.silu(rec.acc(z))
+        h = rec.acc(y) if self.norm_before_gate else rec.acc(y) * gate
         h = F.rms_norm(h.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps).flatten(-2)
-        h = h * self.weight.float()
+        h = h * self.weight.to(h.dtype)
         return (h * gate if self.norm_before_gate else h).to(y.dtype)
 
 
@@ -88,16 +88,16 @@ class Mamba2(Mixer):
         x_BTHP = xs.unflatten(-1, (H, P))
         b_BTHN = b.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)  # head h reads group h // (H/G)
         c_BTHN = c.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
-        dt_BTH = F.softplus(dt_BTH.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-        g_BTH = -self.A_log.float().exp() * dt_BTH
+        dt_BTH = F.softplus(rec.acc(dt_BTH) + rec.acc(self.dt_bias)).clamp(*self.dt_limit)
+        g_BTH = -rec.acc(self.A_log).exp() * dt_BTH
 
         keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, T))
-        o_BTHP, s_BHNP = fn(q=c_BTHN, k=b_BTHN, v=(x_BTHP.float() * dt_BTH[..., None]).to(x.dtype), g=g_BTH,
+        o_BTHP, s_BHNP = fn(q=c_BTHN, k=b_BTHN, v=(rec.acc(x_BTHP) * dt_BTH[..., None]).to(x.dtype), g=g_BTH,
                             scale=1.0, initial_state=None if state is None else state["recurrent"],
                             output_final_state=keep, cu_seqlens=cu_seqlens)
         D = self.D.view(H, P) if self.D_has_hdim else self.D[:, None]
-        y = (o_BTHP.float() + x_BTHP.float() * D.float()).flatten(-2).to(x.dtype)
+        y = (rec.acc(o_BTHP) + rec.acc(x_BTHP) * rec.acc(D)).flatten(-2).to(x.dtype)
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
         return self.out_proj(y), ({"recurrent": s_BHNP, **new_state} if keep else None)
 

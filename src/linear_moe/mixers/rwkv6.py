@@ -105,7 +105,7 @@ class RWKV6Attention(Mixer):
         mu_BT5D = torch.einsum("btnr,dnr->btnd", lo_BT5R, up_D5R) + self.x_bias
         mu_r, mu_w, mu_k, mu_v, mu_g = mu_BT5D.unbind(-2)
         r_BTHK = self.r_proj(x, mu_r, delta).unflatten(-1, (H, self.head_k_dim))
-        w_BTHK = -self.w_proj(x, mu_w, delta).float().exp().unflatten(-1, (H, self.head_k_dim))  # log decay
+        w_BTHK = -rec.acc(self.w_proj(x, mu_w, delta)).exp().unflatten(-1, (H, self.head_k_dim))  # log decay
         k_BTHK = self.k_proj(x, mu_k, delta).unflatten(-1, (H, self.head_k_dim))
         v_BTHV = self.v_proj(x, mu_v, delta).unflatten(-1, (H, self.head_v_dim))
         g = self.g_proj(x, mu_g, delta)

@@ -107,7 +107,7 @@ class RWKV7Attention(Mixer):
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, mu) for mu in
                                   (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = self.r_proj(xr)
-        w = LOG_DECAY_MIN * self.w_lora(xw).float().sigmoid()  # log decay
+        w = LOG_DECAY_MIN * rec.acc(self.w_lora(xw)).sigmoid()  # log decay
         k = self.k_proj(xk)
         v = self.v_proj(xv)
         a = self.a_lora(xa).sigmoid()
