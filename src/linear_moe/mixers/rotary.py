@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from linear_moe.ops import varlen
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -40,3 +42,17 @@ class RotaryEmbedding(nn.Module):
         xr32 = xr.to(acc)
         out = xr32 * angle_BT1R.cos() + rotate_half(xr32) * angle_BT1R.sin()
         return torch.cat([out.to(x_BTHD.dtype), xp], dim=-1) if xp.shape[-1] else out.to(x_BTHD.dtype)
+
+
+def token_positions(x: torch.Tensor, start: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of x's tokens and the count after them. `start` [B] (or [N] documents) is the number of tokens
+    already seen (None: 0). Returns (positions [B, T] (packed: [1, T_total], restarting per document), end [B|N])."""
+    B, T = x.shape[:2]
+    if cu_seqlens is None:
+        start_B = x.new_zeros(B, dtype=torch.long) if start is None else start.long()
+        return start_B[:, None] + torch.arange(T, device=x.device), start_B + T
+    doc_T, pos_T, _ = varlen.varlen_index(cu_seqlens)
+    lens_N = varlen.seq_lens(cu_seqlens).long()
+    start_N = torch.zeros_like(lens_N) if start is None else start.long()
+    return (start_N[doc_T] + pos_T)[None], start_N + lens_N

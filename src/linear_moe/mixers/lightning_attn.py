@@ -1,0 +1,83 @@
+"""Lightning attention token mixer (linear attention with fixed per-head decay, MiniMax-01 style)."""
+
+from __future__ import annotations
+
+import torch
+
+from linear_moe.mixers import _linear
+from linear_moe.mixers import _recurrent as rec
+from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.feature_maps import ELEMENTWISE
+
+
+def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int | None = None) -> torch.Tensor:
+    """Per-head decay rates [H] (float32): lambda_h = exp(-slope_h), slope_h = 2^(-8 (h+1) / H) (ALiBi's slopes),
+    scaled by MiniMax-01's layer factor 1 - layer_idx / (num_layers - 1) (+1e-5) when num_layers is given, so
+    deeper layers decay more slowly."""
+    slopes = 2.0 ** (-8.0 * (torch.arange(num_heads, dtype=torch.float32) + 1) / num_heads)
+    if num_layers is None:
+        return slopes
+    return slopes * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+
+
+class LightningAttention(_linear.LinearMixer):
+    """Lightning attention: S_t = lambda_h S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t on silu(q), silu(k), silu(v),
+    with fixed per-head decays lambda_h = exp(-slope_h) (ALiBi slopes, optionally layer dependent), then RMSNorm
+    over all heads times a sigmoid output gate, and o_proj. "Lightning Attention-2", arXiv:2401.04658;
+    "MiniMax-01: Scaling Foundation Models with Lightning Attention", arXiv:2501.08313 (layer-dependent slopes,
+    norm and gate). Runs on the simple_gla ops with `g_gamma = -slope`.
+
+    Options:
+        expand_k (1.0), expand_v (1.0): key / value width = hidden_size * ratio, split over heads.
+        num_kv_heads (None -> num_heads): grouped k/v heads.
+        activation ('silu'; None for none): elementwise map on q, k, v (a name in feature_maps.ELEMENTWISE).
+        scale (1.0 as in MiniMax-01; None -> 1/sqrt(d_k)).
+        num_layers (None): with the model's depth, slopes shrink with layer_idx as in MiniMax-01.
+        use_output_gate (True), gate_fn ('sigmoid' | 'swish'), norm_per_head (False: one RMSNorm over all heads,
+        as MiniMax-01), norm_eps (1e-6).
+        use_short_conv (False), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
+    State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
+                 expand_v: float = 1.0, num_kv_heads: int | None = None, activation: str | None = "silu",
+                 scale: float | None = 1.0, num_layers: int | None = None, use_output_gate: bool = True,
+                 gate_fn: str = "sigmoid", norm_per_head: bool = False, norm_eps: float = 1e-6,
+                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False):
+        super().__init__()
+        if activation is not None and activation not in ELEMENTWISE:
+            raise ValueError(f"LightningAttention: unknown activation {activation!r}; valid: None, "
+                             f"{', '.join(ELEMENTWISE)}")
+        if num_layers is not None and not 0 <= layer_idx < num_layers:
+            raise ValueError(f"LightningAttention: layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
+        hk, hv, hkv = _linear.head_dims("LightningAttention", hidden_size, num_heads, expand_k, expand_v,
+                                        num_kv_heads)
+        self._init_qkv(hidden_size, num_heads, layer_idx, hk, hv, hkv, use_short_conv, conv_size, conv_bias)
+        self._init_output(use_output_gate, gate_fn, norm_eps, norm_per_head)
+        self.act = None if activation is None else ELEMENTWISE[activation]
+        self.scale, self.num_layers = scale, num_layers
+
+    def log_decay(self) -> torch.Tensor:
+        """log lambda_h = -slope_h, [H] float32."""
+        return -lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
+
+    def state_keys(self) -> list[str]:
+        return ["recurrent", *self.conv_keys()]
+
+    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens)
+        if self.act is not None:
+            q, k, v = self.act(q), self.act(k), self.act(v)
+        k, v = self.repeat_kv(k, v)
+        keep = use_cache or state is not None
+        fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
+        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=self.log_decay().to(x.device), scale=self.scale,
+                       initial_state=None if state is None else state["recurrent"], output_final_state=keep,
+                       cu_seqlens=cu_seqlens)
+        y = self.output(o_BTHV, x)
+        return y, ({"recurrent": s, **new_state} if keep else None)
+
+    def sequence_flops(self, seq_len: int) -> float:
+        return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim)
