@@ -76,13 +76,13 @@ class HGRNAttention(Mixer):
             convs = {"i": self.i_conv1d, "f": self.f_conv1d}
             (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens)
         log_f_BTI = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
-        i_BTI = (F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)).to(x.dtype)  # (1 - lambda) silu(i)
+        i_BTI = F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)  # (1 - lambda) silu(i), float32: fla's state dtype
 
         keep = use_cache or state is not None
         fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, T))
         o_BTI, h_BI = fn(x=i_BTI, g=log_f_BTI, initial_state=None if state is None else state["recurrent"],
                          output_final_state=keep, cu_seqlens=cu_seqlens)
-        y = self.o_proj(self.g_norm(o_BTI, self.g_proj(x)))
+        y = self.o_proj(self.g_norm(o_BTI.to(x.dtype), self.g_proj(x)))
         return y, ({"recurrent": h_BI, **new_state} if keep else None)
 
     def sequence_flops(self, seq_len: int) -> float:
