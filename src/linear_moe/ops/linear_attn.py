@@ -20,10 +20,10 @@ Tensor = torch.Tensor
 State = Tensor | tuple[Tensor, Tensor]
 
 
-def _split_state(name: str, q: Tensor, v: Tensor, initial_state: State | None, normalize: bool,
+def _split_state(name: str, q: Tensor, k: Tensor, v: Tensor, initial_state: State | None, normalize: bool,
                  cu_seqlens: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Validate inputs and split `initial_state` into (S [N, H, K, V], z [N, 1, H, K])."""
-    n = cc.check_qkv(name, q, q, v, cu_seqlens)
+    n = cc.check_qkv(name, q, k, v, cu_seqlens)
     if isinstance(initial_state, tuple):
         if not normalize:
             raise ValueError(f"{name}: a (S, z) tuple initial_state needs normalize=True; pass S alone otherwise")
@@ -52,13 +52,18 @@ def _normalize(o: Tensor, q: Tensor, k: Tensor, scale: float, z0: Tensor | None,
 
 
 def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, name, **opts):
-    s0, z0 = _split_state(name, q, v, initial_state, normalize, cu_seqlens)
-    cc.expect_shape(name, "k", k, tuple(q.shape), "q.shape [B, T, H, K]")
+    s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, s = cc.packed(lambda q_, k_, v_: engine(q_, k_, v_, None, scale, s0, **opts), cu_seqlens, q, k, v)
     if normalize:
         o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
         return o.to(q.dtype), ((s, z) if output_final_state else None)
+    return o.to(q.dtype), (s if output_final_state else None)
+
+
+def _like_torch(o: Tensor, s: State | None, q: Tensor, output_final_state: bool) -> tuple[Tensor, State | None]:
+    """fla returns `(None, z)` as the state when normalizing without output_final_state, and a float32 `o` when
+    z is float32: give the same `(o in q's dtype, None)` as the PyTorch path."""
     return o.to(q.dtype), (s if output_final_state else None)
 
 
@@ -88,10 +93,11 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     """fla's `chunk_linear_attn` on CUDA (extra kwargs dropped), else `chunk_linear_attn_torch`."""
     cc.reject_head_first("chunk_linear_attn", kwargs)
     if use_fla(q):
-        _split_state("chunk_linear_attn", q, v, initial_state, normalize, cu_seqlens)
-        return fla_op("linear_attn", "chunk_linear_attn")(
+        _split_state("chunk_linear_attn", q, k, v, initial_state, normalize, cu_seqlens)
+        o, s = fla_op("linear_attn", "chunk_linear_attn")(
             q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             normalize=normalize, cu_seqlens=cu_seqlens)
+        return _like_torch(o, s, q, output_final_state)
     return chunk_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, **kwargs)
 
 
@@ -102,9 +108,10 @@ def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | 
     """fla's `fused_recurrent_linear_attn` on CUDA (extra kwargs dropped), else the token loop."""
     cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
     if use_fla(q):
-        _split_state("fused_recurrent_linear_attn", q, v, initial_state, normalize, cu_seqlens)
-        return fla_op("linear_attn", "fused_recurrent_linear_attn")(
+        _split_state("fused_recurrent_linear_attn", q, k, v, initial_state, normalize, cu_seqlens)
+        o, s = fla_op("linear_attn", "fused_recurrent_linear_attn")(
             q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             reverse=reverse, normalize=normalize, cu_seqlens=cu_seqlens)
+        return _like_torch(o, s, q, output_final_state)
     return fused_recurrent_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, reverse, normalize,
                                              cu_seqlens, **kwargs)
