@@ -10,8 +10,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from linear_moe.mixers import MIXERS, build_mixer
+from linear_moe.mixers.feature_maps import FEATURE_MAPS, TaylorFeatureMap, build_feature_map
 
 D, H = 32, 2
 NAMES = list(MIXERS)
@@ -175,3 +177,144 @@ def test_attention_equals_explicit_softmax_with_causal_mask_and_rope():
     scores = scores.masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
     o = (scores.softmax(-1) @ v).transpose(1, 2).flatten(-2)
     close(m(x)[0], m.o_proj(o))
+
+
+def rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
+
+
+def causal_decay_attention(q, k, v, log_decay_H: torch.Tensor, scale: float) -> torch.Tensor:
+    """o_t = scale * sum_{s<=t} exp((t-s) log gamma_h) (q_t . k_s) v_s, written as a masked matrix; [B, T, H, *]."""
+    T = q.shape[1]
+    dist = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).double()  # t - s
+    decay_HTT = torch.where(dist >= 0, torch.exp(dist * log_decay_H.double()[:, None, None]), 0.0)
+    scores = torch.einsum("bthk,bshk->bhts", q, k) * scale * decay_HTT
+    return torch.einsum("bhts,bshv->bthv", scores, v)
+
+
+def test_retnet_equals_parallel_retention_with_rope_and_gamma():
+    m = build("retnet", layer_idx=0)
+    x = torch.randn(2, 12, D, dtype=torch.float64)
+    pos = torch.arange(12)
+    q = rope_by_pairs(heads(m.q_proj(x), m.head_k_dim), pos)
+    k = rope_by_pairs(heads(m.k_proj(x), m.head_k_dim), pos)
+    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)
+    o = causal_decay_attention(q, k, heads(m.v_proj(x), m.head_v_dim), gamma.log(), m.head_k_dim**-0.5)
+    g = heads(m.g_proj(x), m.head_v_dim)
+    ref = m.o_proj((rms(o, m.g_norm_swish_gate.weight, 1e-5) * F.silu(g)).flatten(-2))
+    close(m(x)[0], ref)
+
+
+def test_gla_equals_gated_recurrence():
+    m = build("gla", num_kv_heads=1)
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    hk, hv = m.head_k_dim, m.head_v_dim
+    q = heads(m.q_proj(x), hk)
+    k = heads(m.k_proj(x), hk).expand(-1, -1, H, -1)
+    v = heads(m.v_proj(x), hv).expand(-1, -1, H, -1)
+    alpha = torch.sigmoid(heads(m.gk_proj[1](m.gk_proj[0](x)), hk)).pow(1 / 16).expand(-1, -1, H, -1)
+    S, outs = torch.zeros(2, H, hk, hv, dtype=torch.float64), []
+    for t in range(11):
+        S = alpha[:, t, ..., None] * S + k[:, t, ..., None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S) * hk**-0.5)
+    o = torch.stack(outs, 1)
+    g = heads(m.g_proj(x), hv)
+    ref = m.o_proj((rms(o, m.g_norm_swish_gate.weight, 1e-5) * F.silu(g)).flatten(-2))
+    close(m(x)[0], ref)
+
+
+@pytest.mark.parametrize("num_layers", [None, 4])
+def test_lightning_attention_equals_decayed_attention_with_alibi_slopes(num_layers):
+    m = build("lightning_attn", layer_idx=2, num_layers=num_layers)
+    x = torch.randn(2, 13, D, dtype=torch.float64)
+    hd = D // H
+    q, k, v = (F.silu(heads(p(x), hd)) for p in (m.q_proj, m.k_proj, m.v_proj))
+    factor = 1.0 if num_layers is None else 1 - 2 / (3 + 1e-5) + 1e-5
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) * factor for h in range(H)], dtype=torch.float64)
+    o = causal_decay_attention(q, k, v, -slopes, 1.0).flatten(-2)
+    ref = m.o_proj(rms(o, m.g_norm.weight, 1e-6) * torch.sigmoid(m.g_proj(x)))
+    close(m(x)[0], ref)
+
+
+def test_linear_attn_equals_cumulative_sum_formula():
+    m = build("linear_attn", feature_map="elu_p1", do_feature_map_norm=True, num_kv_heads=1)
+    x = torch.randn(2, 15, D, dtype=torch.float64)
+    hd = D // H
+    q = F.elu(heads(m.q_proj(x), hd)) + 1
+    k = (F.elu(heads(m.k_proj(x), hd)) + 1).expand(-1, -1, H, -1)
+    v = heads(m.v_proj(x), hd).expand(-1, -1, H, -1)
+    kv_cum = torch.einsum("bthk,bthv->bthkv", k, v).cumsum(1)  # sum_{s<=t} k_s v_s^T
+    num = torch.einsum("bthk,bthkv->bthv", q, kv_cum) * hd**-0.5
+    den = (q * k.cumsum(1)).sum(-1, keepdim=True) * hd**-0.5 + 1e-10
+    ref = m.o_proj(rms(num / den, m.norm.weight, 1e-5).flatten(-2))
+    close(m(x)[0], ref)
+
+
+def kernel_attention(q, k, v, kernel) -> torch.Tensor:
+    """o_t = sum_{s<=t} K(q_t, k_s) v_s / sum_{s<=t} K(q_t, k_s) with K applied to q_t . k_s."""
+    T = q.shape[1]
+    w = kernel(torch.einsum("bthk,bshk->bhts", q, k)) * torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.einsum("bhts,bshv->bthv", w, v) / (w.sum(-1).transpose(1, 2)[..., None] + 1e-10)
+
+
+def test_based_equals_taylor_softmax_approximation():
+    m = build("based", feature_dim=4)
+    x = torch.randn(2, 12, D, dtype=torch.float64)
+    q, k, v = heads(m.q_proj(x), 4), heads(m.k_proj(x), 4), heads(m.v_proj(x), D // H)
+    o = kernel_attention(q, k, v, lambda s: 1 + s / 2 + s**2 / 8)  # 1 + s/sqrt(d) + s^2/(2d), d = 4
+    close(m(x)[0], m.o_proj(o.flatten(-2)))
+
+
+def test_rebased_equals_squared_kernel_of_normalised_affine_qk():
+    m = build("rebased", feature_dim=4)
+    x = torch.randn(2, 12, D, dtype=torch.float64)
+    g, b = m.feature_map.gamma, m.feature_map.beta
+    q, k = (F.layer_norm(heads(p(x), 4), (4,)) * g + b for p in (m.q_proj, m.k_proj))
+    o = kernel_attention(q, k, heads(m.v_proj(x), D // H), lambda s: s**2 / 4)
+    close(m(x)[0], m.o_proj(o.flatten(-2)))
+
+
+def test_attention_gqa_decoding_and_qk_norm_options():
+    m = build("attention", num_kv_heads=1, qk_norm=True, rope_theta=500.0).eval()
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    y, s = m(x, use_cache=True)
+    assert s["k"].shape == (2, 1, 9, D // H)
+    y_steps, st = [m(x[:, :4], use_cache=True)[0]], m(x[:, :4], use_cache=True)[1]
+    for t in range(4, 9):
+        y_t, st = m(x[:, t: t + 1], state=st)
+        y_steps.append(y_t)
+    close(torch.cat(y_steps, 1), y)
+
+
+@pytest.mark.parametrize("name", FEATURE_MAPS)
+def test_feature_maps_have_their_declared_width(name):
+    phi = build_feature_map(name, 6)
+    assert phi(torch.randn(3, 5, 6)).shape == (3, 5, phi.out_dim)
+
+
+def test_taylor_feature_map_dot_product_is_second_order_exp():
+    q, k = torch.randn(10, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    phi = TaylorFeatureMap(8)
+    s = (q * k).sum(-1)
+    close((phi(q) * phi(k)).sum(-1), 1 + s / 8**0.5 + s**2 / 16)
+
+
+def test_bad_options_are_value_errors():
+    with pytest.raises(ValueError, match="unknown feature map 'cosh'; valid: .*elu_p1"):
+        build_mixer("linear_attn", D, H, feature_map="cosh")
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=2"):
+        build_mixer("attention", D, H, num_kv_heads=3)
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=2"):
+        build_mixer("retnet", D, H, num_kv_heads=3)
+    with pytest.raises(ValueError, match="expand_k = 12.8 must be a positive integer"):
+        build_mixer("gla", D, H, expand_k=0.4)
+    with pytest.raises(ValueError, match="gate_fn must be 'swish' or 'sigmoid'"):
+        build_mixer("gla", D, H, gate_fn="tanh")
+    with pytest.raises(ValueError, match="layer_idx=5 must be in"):
+        build_mixer("lightning_attn", D, H, layer_idx=5, num_layers=4)
+    with pytest.raises(ValueError, match="state is missing"):
+        build_mixer("retnet", D, H)(torch.randn(1, 3, D), state={"recurrent": torch.zeros(1, H, 16, 32)})
+    with pytest.raises(ValueError, match=r"state\['k'\] has shape"):
+        build_mixer("attention", D, H)(torch.randn(2, 3, D), state={"k": torch.zeros(1, H, 4, 16),
+                                                                     "v": torch.zeros(1, H, 4, 16)})
