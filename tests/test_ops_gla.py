@@ -344,3 +344,98 @@ def test_head_first_is_rejected():
     with pytest.raises(ValueError, match="head_first"):
         gla.chunk_gla(**tk, head_first=True)
     gla.chunk_gla(**tk, head_first=False)  # the fla 0.6 default is accepted
+
+
+# fla 0.6.0's public signatures (fla/ops/<family>/{chunk,fused_recurrent}.py), written out so the dispatch to fla
+# is checked without a GPU: a stub binds the arguments exactly as fla would, records them and runs our op.
+def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                     state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+    return locals()
+
+
+def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                               output_final_state=False, reverse=False, state_v_first=False, cu_seqlens=None, **kwargs):
+    return locals()
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
+              cu_seqlens=None, cu_seqlens_cpu=None):
+    assert initial_state is None or initial_state.dtype == torch.float32, "fla asserts a float32 initial_state"
+    return locals()
+
+
+def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
+                        reverse=False, state_v_first=False, cu_seqlens=None, **kwargs):
+    return locals()
+
+
+def chunk_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                cu_seqlens_cpu=None, **kwargs):
+    return locals()
+
+
+def fused_recurrent_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, reverse=False,
+                          cu_seqlens=None):
+    return locals()
+
+
+def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                      cu_seqlens=None):
+    return locals()
+
+
+def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,
+                                normalize=False, cu_seqlens=None):
+    return locals()
+
+
+def chunk_hgrn(x, g, initial_state=None, output_final_state=False):
+    return locals()
+
+
+def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_seqlens=None):
+    return locals()
+
+
+FLA_SIGNATURES = {f.__name__: f for f in (
+    chunk_simple_gla, fused_recurrent_simple_gla, chunk_gla, fused_recurrent_gla, chunk_rwkv6, fused_recurrent_rwkv6,
+    chunk_linear_attn, fused_recurrent_linear_attn, chunk_hgrn, fused_recurrent_hgrn)}
+MODULES = {"simple_gla": simple_gla, "gla": gla, "rwkv6": rwkv6, "linear_attn": linear_attn, "hgrn": hgrn}
+
+
+def fla_stub(family: str, name: str, calls: list) -> Callable[..., Any]:
+    def run(*args, **kwargs):
+        bound = FLA_SIGNATURES[name](*args, **kwargs)  # TypeError if our call does not fit fla's signature
+        extra = bound.pop("kwargs", {})
+        assert "head_first" not in extra, "fla raises on any head_first"
+        bound.pop("cu_seqlens_cpu", None)
+        calls.append(name)
+        return getattr(MODULES[family], f"{name}_torch")(**bound, **extra)
+    return run
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("recurrent", [False, True], ids=["chunk", "recurrent"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dispatch_calls_fla_with_its_signature(monkeypatch, family, recurrent, packed):
+    """With fla "available", the public op binds to fla's exact signature (passing head_first=False as an old
+    call site would) and returns what the PyTorch path returns."""
+    calls: list = []
+    module = MODULES[family]
+    monkeypatch.setattr(module, "use_fla", lambda x: True)
+    monkeypatch.setattr(module, "fla_op", lambda mod, name: fla_stub(mod, name, calls))
+    seeded(9)
+    fam = FAMILIES[family]
+    tk, ok = fam.make(1 if packed else 2, 20, 2, 4, 3, torch.float32, -1.0)
+    h0 = fam.make_state(2, 2, 4, 3, torch.float32)
+    cu = torch.tensor([0, 7, 20]) if packed else None
+    want_o, want_s = call(fam, recurrent, tk, ok, h0, cu_seqlens=cu)
+    if recurrent:
+        tk = {(fam.recurrent_rename or {}).get(n, n): t for n, t in tk.items()}
+    public = getattr(module, f"{'fused_recurrent' if recurrent else 'chunk'}_{family}")
+    o, s = public(**tk, **ok, initial_state=h0, output_final_state=True, cu_seqlens=cu, head_first=False)
+    assert len(calls) == 1
+    assert_close(o, want_o, 1e-6)
+    assert_close(s, want_s, 1e-6)
+    if family == "hgrn":  # fla's chunk_hgrn has no cu_seqlens: packed calls go to its fused_recurrent_hgrn
+        assert calls[0] == ("chunk_hgrn" if not recurrent and not packed else "fused_recurrent_hgrn")
