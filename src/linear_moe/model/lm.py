@@ -1,0 +1,117 @@
+"""`LinearMoEForCausalLM`: embedding -> pre-norm blocks (mixer + FFN) -> RMSNorm -> LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linear_moe.mixers import MixerState, build_mixer
+from linear_moe.mixers.common import RMSNorm
+from linear_moe.model.config import ModelConfig
+from linear_moe.model.loss import causal_lm_loss
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN (arXiv:2002.05202): down(silu(gate(x)) * up(x)), [..., D] -> [..., D]."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.is_moe_layer(layer_idx):
+        from linear_moe.moe import MoELayer
+
+        return MoELayer(cfg.moe, cfg.hidden_size)
+    return SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then + ffn(norm(x)). Returns (x [B, T, D], mixer state, MoE aux or None)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mixer = build_mixer(cfg.layer_mixers()[layer_idx], cfg.hidden_size, cfg.num_heads, layer_idx,
+                                 **cfg.layer_mixer_kwargs(layer_idx))
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+
+    def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
+                use_cache: bool = False):
+        y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache)
+        x_BTD = x_BTD + y_BTD
+        aux = None
+        if self.is_moe:
+            y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            y_BTD = self.ffn(self.ffn_norm(x_BTD))
+        return x_BTD + y_BTD, new_state, aux
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor | None  # mean CE over targets != -100 (None without labels)
+    aux_loss: torch.Tensor | None  # sum of the MoE layers' aux losses (None for a dense model)
+    logits: torch.Tensor | None  # [B, T, V]; None when the fused loss ran
+    states: list[MixerState | None] | None  # one mixer state per layer when use_cache / states given
+    expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed to each expert
+
+
+class LinearMoEForCausalLM(nn.Module):
+    """Causal LM over `ModelConfig` (see docs/models.md). Parameter names follow HF:
+    `embed_tokens`, `layers.{i}.{attn_norm,mixer,ffn_norm,ffn}`, `norm`, `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embedding and linear weights, zero biases; norms keep their ones."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The `MoELayer`s in layer order (the trainer updates their bias from `expert_load`)."""
+        return [b.ffn for b in self.layers if b.is_moe]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, states: list[MixerState | None] | None = None,
+                use_cache: bool = False) -> LMOutput:
+        """input_ids, labels [B, T] (labels already aligned, -100 ignored); states: one per layer or None."""
+        if states is not None and len(states) != len(self.layers):
+            raise ValueError(f"states: expected one state per layer ({len(self.layers)}), got {len(states)}")
+        keep_states = use_cache or states is not None
+        x_BTD = self.embed_tokens(input_ids)
+        new_states, auxes = [], []
+        for i, block in enumerate(self.layers):
+            x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache)
+            new_states.append(st)
+            if aux is not None:
+                auxes.append(aux)
+        h_BTD = self.norm(x_BTD)
+        loss, logits = causal_lm_loss(h_BTD, self.lm_head.weight, labels, self.cfg.fuse_linear_cross_entropy)
+        aux_loss = torch.stack([a.loss for a in auxes]).sum() if auxes else None
+        expert_load = torch.stack([a.load for a in auxes]) if auxes else None
+        return LMOutput(loss, aux_loss, logits, new_states if keep_states else None, expert_load)

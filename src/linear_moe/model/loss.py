@@ -1,0 +1,39 @@
+"""LM loss: plain cross-entropy, or fla's fused linear cross-entropy on CUDA (never materialises [N, V] logits)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _fused_ce_cls():
+    try:
+        from fla.modules import FusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return FusedLinearCrossEntropyLoss
+
+
+def fused_available(h: torch.Tensor) -> bool:
+    """True when fla's fused linear CE can run on `h` (CUDA tensor, fla importable)."""
+    return h.is_cuda and _fused_ce_cls() is not None
+
+
+def causal_lm_loss(h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor | None,
+                   fuse: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(loss, logits) for final hidden states `h_BTD` and LM-head weight `weight_VD`.
+
+    loss = mean CE over targets != -100 (labels already aligned; None without labels). logits [B, T, V]
+    are returned unless the fused loss ran (then None).
+    """
+    if labels_BT is not None and fuse and fused_available(h_BTD):
+        loss_fn = _fused_ce_cls()(ignore_index=-100, reduction="mean")
+        return loss_fn(h_BTD.flatten(0, 1), labels_BT.flatten(), weight_VD), None
+    logits_BTV = F.linear(h_BTD, weight_VD)
+    if labels_BT is None:
+        return None, logits_BTV
+    loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=-100)
+    return loss, logits_BTV
