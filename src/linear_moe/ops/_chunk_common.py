@@ -15,6 +15,7 @@ sum, so strong decays underflow to exact zeros instead of overflowing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -75,6 +76,24 @@ def packed(fn: Callable[..., tuple[Tensor, Tensor]], cu_seqlens: Tensor | None,
     padded = [None if t is None else varlen.pad(t, cu_seqlens) for t in time_tensors]
     o, s = fn(*padded)
     return varlen.unpad(o, cu_seqlens), s
+
+
+def run_gated(engine: Callable[..., tuple[Tensor, Tensor]], q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
+              scale: float | None, initial_state: Tensor | None, output_final_state: bool,
+              cu_seqlens: Tensor | None, state_v_first: bool = False, gv: Tensor | None = None,
+              **opts: Any) -> tuple[Tensor, Tensor | None]:
+    """Call `engine` (`chunk_gated` or `recurrent_gated`) the way the public ops do: default scale K^-0.5,
+    packed documents, optional `[V, K]` state layout; o in q's dtype, the state only when asked for."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
+
+    def fn(q_: Tensor, k_: Tensor, v_: Tensor, g_: Tensor | None, gv_: Tensor | None) -> tuple[Tensor, Tensor]:
+        return engine(q_, k_, v_, g_, scale, h0, **({} if gv_ is None else {"gv": gv_}), **opts)
+
+    o, s = packed(fn, cu_seqlens, q, k, v, g, gv)
+    if not output_final_state:
+        return o.to(q.dtype), None
+    return o.to(q.dtype), (s.transpose(-1, -2) if state_v_first else s)
 
 
 def _to_chunks(x: Tensor, n: int, c: int) -> Tensor:

@@ -25,20 +25,6 @@ def _check(name: str, q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Te
     cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
 
 
-def _run(engine, q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_first, cu_seqlens, **opts):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
-
-    def fn(q_, k_, v_, gk_, gv_):
-        return engine(q_, k_, v_, gk_, scale, h0, **opts) if gv_ is None else engine(q_, k_, v_, gk_, scale, h0,
-                                                                                      gv=gv_, **opts)
-
-    o, s = cc.packed(fn, cu_seqlens, q, k, v, gk, gv)
-    if not output_final_state:
-        return o.to(q.dtype), None
-    return o.to(q.dtype), (s.transpose(-1, -2) if state_v_first else s)
-
-
 def chunk_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,
                     initial_state: Tensor | None = None, output_final_state: bool = False,
                     state_v_first: bool = False, cu_seqlens: Tensor | None = None,
@@ -47,8 +33,8 @@ def chunk_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | N
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
     cc.reject_head_first("chunk_gla", kwargs)
     _check("chunk_gla", q, k, v, g, None, initial_state, state_v_first, cu_seqlens)
-    return _run(cc.chunk_gated, q, k, v, g, None, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+    return cc.run_gated(cc.chunk_gated, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                        state_v_first, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
 
 
 def fused_recurrent_gla_torch(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = None, gv: Tensor | None = None,
@@ -58,8 +44,8 @@ def fused_recurrent_gla_torch(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None
     """PyTorch token loop (decoding path). gk `[B, T, H, K]`, gv `[B, T, H, V]` (optional)."""
     cc.reject_head_first("fused_recurrent_gla", kwargs)
     _check("fused_recurrent_gla", q, k, v, gk, gv, initial_state, state_v_first, cu_seqlens)
-    return _run(cc.recurrent_gated, q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens, reverse=reverse)
+    return cc.run_gated(cc.recurrent_gated, q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens,
+                        state_v_first, gv=gv, reverse=reverse)
 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = None,

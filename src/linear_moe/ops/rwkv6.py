@@ -25,13 +25,6 @@ def _check(name: str, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, ini
     cc.check_state(name, initial_state, n, r.shape[2], r.shape[3], v.shape[3])
 
 
-def _run(engine, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, **opts):
-    scale = r.shape[-1] ** -0.5 if scale is None else scale
-    o, s = cc.packed(lambda r_, k_, v_, w_: engine(r_, k_, v_, w_, scale, initial_state, bonus_HK=u, **opts),
-                     cu_seqlens, r, k, v, w)
-    return o.to(r.dtype), (s if output_final_state else None)
-
-
 def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
                       initial_state: Tensor | None = None, output_final_state: bool = False,
                       cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
@@ -40,8 +33,8 @@ def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, sca
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
     cc.reject_head_first("chunk_rwkv6", kwargs)
     _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-    return _run(cc.chunk_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
-                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, rwkv=True)
+    return cc.run_gated(cc.chunk_gated, r, k, v, w, scale, initial_state, output_final_state, cu_seqlens,
+                        bonus_HK=u, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, rwkv=True)
 
 
 def fused_recurrent_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
@@ -51,8 +44,8 @@ def fused_recurrent_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: T
     """PyTorch token loop (decoding path); same shapes as `chunk_rwkv6_torch`."""
     cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
     _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-    return _run(cc.recurrent_gated, r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens,
-                reverse=reverse)
+    return cc.run_gated(cc.recurrent_gated, r, k, v, w, scale, initial_state, output_final_state, cu_seqlens,
+                        bonus_HK=u, reverse=reverse)
 
 
 def chunk_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,

@@ -34,15 +34,6 @@ def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, g_gamma
     return _log_decay(name, q, g, g_gamma)
 
 
-def _run(engine, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, **opts):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state
-    o, s = cc.packed(lambda q_, k_, v_, g_: engine(q_, k_, v_, g_, scale, h0, **opts), cu_seqlens, q, k, v, g)
-    if not output_final_state:
-        return o.to(q.dtype), None
-    return o.to(q.dtype), (s.transpose(-1, -2) if state_v_first else s)
-
-
 def chunk_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g_gamma: Tensor | None = None,
                            scale: float | None = None, initial_state: Tensor | None = None,
                            output_final_state: bool = False, state_v_first: bool = False,
@@ -52,8 +43,8 @@ def chunk_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = N
     initial_state `[N, H, K, V]` -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
     cc.reject_head_first("chunk_simple_gla", kwargs)
     g = _check("chunk_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
-    return _run(cc.chunk_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+    return cc.run_gated(cc.chunk_gated, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                        state_v_first, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
 
 
 def fused_recurrent_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
@@ -64,8 +55,8 @@ def fused_recurrent_simple_gla_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
     """PyTorch token loop (decoding path); same shapes as `chunk_simple_gla_torch`."""
     cc.reject_head_first("fused_recurrent_simple_gla", kwargs)
     g = _check("fused_recurrent_simple_gla", q, k, v, g, g_gamma, initial_state, state_v_first, cu_seqlens)
-    return _run(cc.recurrent_gated, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens, reverse=reverse)
+    return cc.run_gated(cc.recurrent_gated, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                        state_v_first, reverse=reverse)
 
 
 def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g_gamma: Tensor | None = None,
