@@ -1,5 +1,6 @@
-"""Simple GLA: linear attention with a scalar (per-head) log decay (arXiv:2405.05254 Lightning / RetNet /
-Mamba2's SSD share it):  S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
+"""Simple GLA: linear attention with a scalar (per-head) log decay, the recurrence shared by RetNet
+(arXiv:2307.08621), Lightning Attention (arXiv:2401.04658) and Mamba2's SSD (arXiv:2405.21060):
+S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = scale * q_t^T S_t.
 
 `g [B, T, H]` is a data-dependent log decay, `g_gamma [H]` a fixed one per head (both given: they add).
 """
