@@ -97,3 +97,32 @@ def test_prefill_then_decoding_fla_matches_torch(name, monkeypatch):
     y_full = m(x)[0]
     assert rel_err(y_f, y_t) < BF16_RTOL, f"{name}: decoding rel err {rel_err(y_f, y_t):.3g}"
     assert rel_err(y_f, y_full) < BF16_RTOL, f"{name}: decoding vs full forward {rel_err(y_f, y_full):.3g}"
+
+
+FLA_LAYERS = {  # our name: (fla module, class, fla kwargs) -- same defaults, same parameter names
+    "retnet": ("multiscale_retention", "MultiScaleRetention", dict(num_heads=H, layer_idx=0)),
+    "gla": ("gla", "GatedLinearAttention", dict(num_heads=H, layer_idx=0)),
+    "based": ("based", "BasedLinearAttention", dict(num_heads=H, num_key_value_heads=H)),  # no layer_idx in fla
+    "rebased": ("rebased", "ReBasedLinearAttention", dict(num_heads=H, num_key_value_heads=H, layer_idx=0)),
+    "linear_attn": ("linear_attn", "LinearAttention", dict(num_heads=H, layer_idx=0)),
+}
+
+
+@pytest.mark.parametrize("name", list(FLA_LAYERS))
+@torch.no_grad()
+def test_matches_fla_layer_with_copied_weights(name):
+    module, cls, fla_kwargs = FLA_LAYERS[name]
+    fla_layers = pytest.importorskip(f"fla.layers.{module}")
+    torch.manual_seed(0)
+    ours = build_mixer(name, D, H).cuda()
+    for p in ours.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    ref = getattr(fla_layers, cls)(hidden_size=D, **fla_kwargs).cuda()
+    ref_params, ours_params = dict(ref.named_parameters()), dict(ours.named_parameters())
+    assert set(ours_params) == set(ref_params), f"names differ: {set(ours_params) ^ set(ref_params)}"
+    for k, p in ours_params.items():
+        ref_params[k].copy_(p.reshape(ref_params[k].shape))
+    x = torch.randn(2, 100, D, device="cuda")
+    out = ref(x)
+    y_ref = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(ours(x)[0], y_ref, atol=5e-3 * y_ref.abs().max().item(), rtol=1e-2)
