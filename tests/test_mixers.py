@@ -17,6 +17,17 @@ from linear_moe.mixers.feature_maps import FEATURE_MAPS, TaylorFeatureMap, build
 
 D, H = 32, 2
 NAMES = list(MIXERS)
+# Every mixer with its defaults, plus option variants that change the state or the plumbing.
+VARIANTS = {
+    "retnet+conv+gqa": ("retnet", dict(use_short_conv=True, num_kv_heads=1)),
+    "gla+conv+gqa+relu": ("gla", dict(use_short_conv=True, num_kv_heads=1, feature_map="relu", clamp_min=-1.0)),
+    "lightning_attn+conv+layers": ("lightning_attn", dict(use_short_conv=True, num_layers=4)),
+    "linear_attn+norm+hedgehog+conv": ("linear_attn", dict(do_feature_map_norm=True, feature_map="hedgehog",
+                                                           use_short_conv=True)),
+    "based+conv": ("based", dict(use_short_conv=True, feature_dim=4)),
+    "attention+gqa+qknorm": ("attention", dict(num_kv_heads=1, qk_norm=True, rotary_dim=8)),
+}
+CASES = [pytest.param(n, {}, id=n) for n in NAMES] + [pytest.param(n, o, id=i) for i, (n, o) in VARIANTS.items()]
 ATOL, RTOL = 1e-9, 1e-7
 
 
@@ -61,10 +72,10 @@ def stack_states(states: list[dict]) -> dict:
 
 
 @pytest.mark.parametrize("recurrent", [False, True], ids=["chunk", "recurrent"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "opts"), CASES)
 @torch.no_grad()
-def test_two_pieces_with_state_equal_whole(name, recurrent):
-    m = build(name).train(not recurrent)  # eval + a state + short input -> fused_recurrent kernels
+def test_two_pieces_with_state_equal_whole(name, opts, recurrent):
+    m = build(name, **opts).train(not recurrent)  # eval + a state + short input -> fused_recurrent kernels
     x = torch.randn(2, 45, D, dtype=torch.float64)
     y, s = m(x, use_cache=True)
     y1, s1 = m(x[:, :19], use_cache=True)
@@ -73,10 +84,10 @@ def test_two_pieces_with_state_equal_whole(name, recurrent):
     states_close(s2, s)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "opts"), CASES)
 @torch.no_grad()
-def test_packed_documents_equal_separate_runs(name):
-    m = build(name).train()
+def test_packed_documents_equal_separate_runs(name, opts):
+    m = build(name, **opts).train()
     lens = [13, 29, 7]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     docs = [torch.randn(1, n, D, dtype=torch.float64) for n in lens]
@@ -95,10 +106,10 @@ def test_packed_documents_equal_separate_runs(name):
         states_close(doc_state(s2, n), s2_sep[n])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "opts"), CASES)
 @torch.no_grad()
-def test_step_by_step_decoding_equals_full_forward(name):
-    m = build(name).eval()
+def test_step_by_step_decoding_equals_full_forward(name, opts):
+    m = build(name, **opts).eval()
     x = torch.randn(2, 16, D, dtype=torch.float64)
     y_full, s_full = m(x, use_cache=True)
     y_pre, s = m(x[:, :9], use_cache=True)
@@ -110,9 +121,9 @@ def test_step_by_step_decoding_equals_full_forward(name):
     states_close(s, s_full)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_backward_gives_finite_gradients_to_every_parameter(name):
-    m = build(name).train()
+@pytest.mark.parametrize(("name", "opts"), CASES)
+def test_backward_gives_finite_gradients_to_every_parameter(name, opts):
+    m = build(name, **opts).train()
     x = torch.randn(2, 21, D, dtype=torch.float64, requires_grad=True)
     y, _ = m(x)
     (y * torch.randn_like(y)).sum().backward()
@@ -273,18 +284,6 @@ def test_rebased_equals_squared_kernel_of_normalised_affine_qk():
     q, k = (F.layer_norm(heads(p(x), 4), (4,)) * g + b for p in (m.q_proj, m.k_proj))
     o = kernel_attention(q, k, heads(m.v_proj(x), D // H), lambda s: s**2 / 4)
     close(m(x)[0], m.o_proj(o.flatten(-2)))
-
-
-def test_attention_gqa_decoding_and_qk_norm_options():
-    m = build("attention", num_kv_heads=1, qk_norm=True, rope_theta=500.0).eval()
-    x = torch.randn(2, 9, D, dtype=torch.float64)
-    y, s = m(x, use_cache=True)
-    assert s["k"].shape == (2, 1, 9, D // H)
-    y_steps, st = [m(x[:, :4], use_cache=True)[0]], m(x[:, :4], use_cache=True)[1]
-    for t in range(4, 9):
-        y_t, st = m(x[:, t: t + 1], state=st)
-        y_steps.append(y_t)
-    close(torch.cat(y_steps, 1), y)
 
 
 @pytest.mark.parametrize("name", FEATURE_MAPS)
