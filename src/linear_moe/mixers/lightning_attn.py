@@ -10,11 +10,12 @@ from linear_moe.mixers.base import MixerState
 from linear_moe.mixers.feature_maps import ELEMENTWISE
 
 
-def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int | None = None) -> torch.Tensor:
+def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
     """Per-head decay rates [H] (float32): lambda_h = exp(-slope_h), slope_h = 2^(-8 (h+1) / H) (ALiBi's slopes),
     scaled by MiniMax-01's layer factor 1 - layer_idx / (num_layers - 1) (+1e-5) when num_layers is given, so
-    deeper layers decay more slowly."""
-    slopes = 2.0 ** (-8.0 * (torch.arange(num_heads, dtype=torch.float32) + 1) / num_heads)
+    deeper layers decay more slowly. Made per call (not a buffer) so bfloat16 casts cannot round it."""
+    slopes = 2.0 ** (-8.0 * (torch.arange(num_heads, dtype=torch.float32, device=device) + 1) / num_heads)
     if num_layers is None:
         return slopes
     return slopes * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
@@ -57,9 +58,9 @@ class LightningAttention(_linear.LinearMixer):
         self.act = None if activation is None else ELEMENTWISE[activation]
         self.scale, self.num_layers = scale, num_layers
 
-    def log_decay(self) -> torch.Tensor:
+    def log_decay(self, device: torch.device | None = None) -> torch.Tensor:
         """log lambda_h = -slope_h, [H] float32."""
-        return -lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
+        return -lightning_slopes(self.num_heads, self.layer_idx, self.num_layers, device)
 
     def state_keys(self) -> list[str]:
         return ["recurrent", *self.conv_keys()]
@@ -73,7 +74,7 @@ class LightningAttention(_linear.LinearMixer):
         k, v = self.repeat_kv(k, v)
         keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
-        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=self.log_decay().to(x.device), scale=self.scale,
+        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=self.log_decay(x.device), scale=self.scale,
                        initial_state=None if state is None else state["recurrent"], output_final_state=keep,
                        cu_seqlens=cu_seqlens)
         y = self.output(o_BTHV, x)

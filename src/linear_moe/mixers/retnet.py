@@ -11,9 +11,10 @@ from linear_moe.mixers.feature_maps import ELEMENTWISE
 from linear_moe.mixers.rotary import RotaryEmbedding, token_positions
 
 
-def retention_log_decay(num_heads: int) -> torch.Tensor:
-    """RetNet's fixed per-head decays gamma_h = 1 - 2^(-5-h), as log gamma [H] (float32)."""
-    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float32))))
+def retention_log_decay(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """RetNet's fixed per-head decays gamma_h = 1 - 2^(-5-h), as log gamma [H] (float32; made per call, not a
+    buffer, so that casting the model to bfloat16 cannot round it)."""
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float32, device=device))))
 
 
 class MultiScaleRetention(_linear.LinearMixer):
@@ -64,7 +65,7 @@ class MultiScaleRetention(_linear.LinearMixer):
         k, v = self.repeat_kv(k, v)
         keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
-        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=retention_log_decay(self.num_heads).to(x.device),
+        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=retention_log_decay(self.num_heads, x.device),
                        initial_state=None if state is None else state["recurrent"], output_final_state=keep,
                        cu_seqlens=cu_seqlens)
         y = self.output(o_BTHV, x)
