@@ -84,10 +84,11 @@ def test_two_pieces_with_state_equal_whole(name, opts, recurrent):
     states_close(s2, s)
 
 
+@pytest.mark.parametrize("recurrent", [False, True], ids=["chunk", "recurrent"])
 @pytest.mark.parametrize(("name", "opts"), CASES)
 @torch.no_grad()
-def test_packed_documents_equal_separate_runs(name, opts):
-    m = build(name, **opts).train()
+def test_packed_documents_equal_separate_runs(name, opts, recurrent):
+    m = build(name, **opts).train(not recurrent)  # eval: the continuation below runs the recurrent kernels
     lens = [13, 29, 7]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     docs = [torch.randn(1, n, D, dtype=torch.float64) for n in lens]
