@@ -77,7 +77,8 @@ class Attention(Mixer):
         mask = None
         if state is not None:
             k, v = torch.cat([state["k"].to(k.dtype), k], dim=2), torch.cat([state["v"].to(v.dtype), v], dim=2)
-            mask = self._cache_mask(state, T, x.device)
+            if T > 1 or "valid" in state:  # one new token with a full cache sees everything: no mask needed
+                mask = self._cache_mask(state, T, x.device)
         o_BHTD = self._attend(q, k, v, mask)
         o_BTHD = o_BHTD.transpose(1, 2)
         if cu_seqlens is not None:
