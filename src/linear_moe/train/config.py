@@ -158,4 +158,4 @@ def run_config_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_config_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(run_config_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(run_config_dict(cfg), sort_keys=False, default_flow_style=False)
