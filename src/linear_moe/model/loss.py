@@ -31,7 +31,9 @@ def causal_lm_loss(h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torc
     """
     if labels_BT is not None and fuse and fused_available(h_BTD):
         loss_fn = _fused_ce_cls()(ignore_index=-100, reduction="mean")
-        return loss_fn(h_BTD.flatten(0, 1), labels_BT.flatten(), weight_VD), None
+        # Under autocast the kernel sees one dtype: cast both operands as autocast would for the matmul.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h_BTD.dtype
+        return loss_fn(h_BTD.flatten(0, 1).to(dtype), labels_BT.flatten(), weight_VD.to(dtype)), None
     logits_BTV = F.linear(h_BTD, weight_VD)
     if labels_BT is None:
         return None, logits_BTV
