@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from linear_moe.config import load_yaml, save_yaml
-from linear_moe.mixers import build_mixer
+from linear_moe.mixers import MIXERS, build_mixer
 from linear_moe.model import PRESETS, LinearMoEForCausalLM, ModelConfig, count_params, flops_per_token, get_preset
 from linear_moe.model.flops import forward_flops_per_token, matmul_params
 
@@ -186,6 +186,16 @@ def test_states_length_checked():
 @pytest.mark.parametrize("tie", [False, True])
 def test_count_params_matches_model(family, tie):
     cfg = tiny(family, "gla", layer_pattern="LN", tie_embeddings=tie)
+    _check_counts(cfg)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_count_params_every_mixer(mixer):
+    _check_counts(tiny("dense", mixer, layer_pattern="NL"))
+
+
+def _check_counts(cfg: ModelConfig) -> None:
+    tie = cfg.tie_embeddings
     model = build(cfg)
     assert count_params(cfg) == unique_numel(model)
     assert count_params(cfg, embeddings=False) == unique_numel(model) - (0 if tie else model.embed_tokens.weight.numel())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -32,6 +33,13 @@ def _mixer(cfg: ModelConfig, i: int):
     """Layer `i`'s mixer, built on `meta` (cached per distinct configuration)."""
     kwargs = json.dumps(cfg.layer_mixer_kwargs(i), sort_keys=True)
     return _meta_mixer(cfg.layer_mixers()[i], cfg.hidden_size, cfg.num_heads, i, kwargs)
+
+
+def lower_bound_dim(cfg: ModelConfig) -> int:
+    """Width of the model's HGRN forget-gate lower bounds [num_layers, width] (0 without HGRN-style layers)."""
+    from linear_moe.model.lm import forget_gate_dim
+
+    return forget_gate_dim([SimpleNamespace(mixer=_mixer(cfg, i)) for i in range(cfg.num_layers)])
 
 
 def swiglu_params(hidden_size: int, ffn_hidden_size: int) -> int:
@@ -63,6 +71,7 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
     """
     emb = cfg.vocab_size * cfg.hidden_size
     n = sum(layer_params(cfg, i, active) for i in range(cfg.num_layers)) + cfg.hidden_size + emb  # + final norm + head
+    n += cfg.num_layers * lower_bound_dim(cfg)
     if embeddings and not cfg.tie_embeddings:
         n += emb
     return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from linear_moe.mixers import MixerState, build_mixer
 from linear_moe.mixers.common import RMSNorm
+from linear_moe.mixers.hgrn import layer_lower_bounds
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.loss import causal_lm_loss
 
@@ -48,8 +50,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
 
     def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False):
-        y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache)
+                use_cache: bool = False, **mixer_kwargs: torch.Tensor):
+        y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache,
+                                      **mixer_kwargs)
         x_BTD = x_BTD + y_BTD
         aux = None
         if self.is_moe:
@@ -68,6 +71,19 @@ class LMOutput:
     expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed to each expert
 
 
+def uses_lower_bound(mixer: nn.Module) -> bool:
+    """HGRN-style mixers take `forward(..., lower_bound=gamma)` from the model."""
+    return "lower_bound" in inspect.signature(mixer.forward).parameters
+
+
+def forget_gate_dim(layers: nn.ModuleList) -> int:
+    """Width of the forget-gate lower bounds of the HGRN-style layers (0 when there are none)."""
+    dims = {getattr(b.mixer, "forget_dim", getattr(b.mixer, "input_dim", 0)) for b in layers if uses_lower_bound(b.mixer)}
+    if len(dims) > 1:
+        raise ValueError(f"HGRN layers with different forget-gate widths {sorted(dims)}; use one width")
+    return dims.pop() if dims else 0
+
+
 class LinearMoEForCausalLM(nn.Module):
     """Causal LM over `ModelConfig` (see docs/models.md). Parameter names follow HF:
     `embed_tokens`, `layers.{i}.{attn_norm,mixer,ffn_norm,ffn}`, `norm`, `lm_head`."""
@@ -79,6 +95,9 @@ class LinearMoEForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        bound_dim = forget_gate_dim(self.layers)
+        # HGRN / HGRN2: learned per-layer forget-gate lower bounds, shared by the model (arXiv:2311.04823, Sec. 3.2)
+        self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_layers, bound_dim)) if bound_dim else None
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -105,8 +124,10 @@ class LinearMoEForCausalLM(nn.Module):
         keep_states = use_cache or states is not None
         x_BTD = self.embed_tokens(input_ids)
         new_states, auxes = [], []
+        bounds_LD = layer_lower_bounds(self.lower_bounds) if self.lower_bounds is not None else None
         for i, block in enumerate(self.layers):
-            x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache)
+            extra = {"lower_bound": bounds_LD[i]} if bounds_LD is not None and uses_lower_bound(block.mixer) else {}
+            x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache, **extra)
             new_states.append(st)
             if aux is not None:
                 auxes.append(aux)
