@@ -87,9 +87,15 @@ def _doc(fn) -> str:
     return inspect.getdoc(fn) or ""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user-facing failure
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="linear-moe", description=(__doc__ or "").splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="linear-moe", description=(__doc__ or "").splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("prepare", help=_doc(prepare).splitlines()[0], description=_doc(prepare), formatter_class=fmt)
@@ -153,7 +159,12 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `linear-moe` and `python -m linear_moe`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("train", "finetune") and not any(a.startswith("-") for a in extra):
+        args.args += extra  # overrides after an option (`finetune CONFIG --from DIR key=value`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:

@@ -7,7 +7,7 @@ every checkpoint.
 
 Presets: `model.preset: NAME` starts the model section from `get_preset(NAME)`; every model field
 given explicitly (in the YAML file or as `model.FIELD=...` on the command line) then overrides the
-preset's value. Without a preset the model starts from `ModelConfig()`'s defaults. The written
+preset's value. Without a preset the model starts from the built-in default model (`default_model()`). The written
 config keeps the preset's name and lists every field, so reloading it gives the same model.
 Precedence, lowest first: dataclass defaults < preset < YAML file < command-line overrides.
 """
@@ -23,6 +23,7 @@ import yaml
 
 from ..config import ConfigError, apply_overrides, from_dict, to_dict
 from ..model import ModelConfig, get_preset
+from .schedule import SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
@@ -39,6 +40,7 @@ class DataConfig:
     vocab_size: int = 4096  # BPE size when training a tokenizer
     val_fraction: float = 0.02  # documents held out for the validation loss when preparing
     text_field: str = "text"  # JSONL/Parquet field holding the text
+    split_docs: bool = False  # .txt/.md inputs: one document per blank-line-separated block (else per file)
     seq_len: int = 128  # tokens per row
     micro_batch_size: int = 8  # rows per micro-batch
     seed: int = 0  # data order
@@ -91,11 +93,26 @@ class FinetuneConfig:
     response_key: str = "response"  # JSONL field of the response
 
 
+def default_model() -> ModelConfig:
+    """The built-in default model (`linear-moe train` without a config; configs/default.yaml lists it):
+    a small hybrid Linear-MoE, three linear-mixer layers per softmax-attention layer."""
+    return ModelConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        mixer="gla",
+        layer_pattern="LLLN",
+        ffn_hidden_size=256,
+        max_seq_len=1024,
+    )
+
+
 @dataclass
 class RunConfig:
     """A whole run: model, data, training, finetuning. `preset` is the model preset the run started from."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -137,11 +154,37 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfi
             preset = yaml.safe_load(value) if value.strip() else None
         else:
             rest.append(item)
-    base = get_preset(preset) if preset else ModelConfig()
+    base = get_preset(preset) if preset else default_model()
     model = from_dict(ModelConfig, _deep_merge(to_dict(base), model_raw))
     cfg = from_dict(RunConfig, raw)
     cfg = apply_overrides(dataclasses.replace(cfg, model=model), rest)
     cfg.preset = preset
+    return validate(cfg)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the values the trainer would only meet later (one-line ConfigError naming key and choices)."""
+    tc = cfg.train
+    choices = {"train.schedule": (tc.schedule, SCHEDULES), "train.dtype": (tc.dtype, DTYPES)}
+    choices["train.device"] = (tc.device, DEVICES)
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
+    positive = {"train.steps": tc.steps, "train.grad_accum": tc.grad_accum, "train.log_every": tc.log_every}
+    positive |= {"data.seq_len": cfg.data.seq_len, "data.micro_batch_size": cfg.data.micro_batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if tc.warmup < 0 or tc.lr <= 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
+        raise ConfigError(
+            f"need train.warmup >= 0 and 0 <= train.min_lr <= train.lr, got {tc.warmup}, {tc.min_lr}, {tc.lr}"
+        )
+    if not 0 < tc.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction must be in (0, 1], got {tc.decay_fraction}")
+    if not tc.resume:
+        raise ConfigError(f"train.resume must be {RESUME_HELP}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
     return cfg
 
 

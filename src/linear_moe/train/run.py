@@ -58,7 +58,8 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     """The checkpoint to continue from (None: start fresh); refuses to overwrite an existing run."""
     run_dir, resume = Path(cfg.train.run_dir), cfg.train.resume
     if resume == "none":
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        # a run directory holding only the data prepared by an earlier attempt is still free
+        if run_dir.exists() and (not run_dir.is_dir() or any(p.name != "data" for p in run_dir.iterdir())):
             raise ConfigError(
                 f"run directory {run_dir} is not empty; continue it with train.resume=auto or choose a new "
                 "train.run_dir"
@@ -87,6 +88,7 @@ def ensure_dataset(cfg: RunConfig) -> Path:
         tokenizer=cfg.data.tokenizer,
         vocab_size=cfg.data.vocab_size,
         text_field=cfg.data.text_field,
+        split_docs=cfg.data.split_docs,
         val_fraction=cfg.data.val_fraction,
         progress=cfg.train.progress,
     )
