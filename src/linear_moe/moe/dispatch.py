@@ -1,0 +1,54 @@
+"""Local token dispatch: sort (token, expert) assignments by expert, optional capacity dropping, combine back."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dispatch:
+    token_N: torch.Tensor  # source token of each kept assignment, sorted by expert (stable)
+    slot_N: torch.Tensor  # index into the flat [T * k] assignments (for its router weight)
+    counts_E: torch.Tensor  # kept assignments per expert (int64)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """ceil(capacity_factor * tokens * k / E) (GShard arXiv:2006.16668 / Switch arXiv:2101.03961)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+             capacity_factor: float | None = None, drop_policy: str = "weight") -> Dispatch:
+    """Sort the T*k assignments by expert (argsort of the flat expert ids; within an expert, by token position).
+
+    With `capacity_factor`, each expert keeps at most `expert_capacity(...)` assignments: the highest router weights
+    (`drop_policy="weight"`, ties by position) or the earliest tokens (`"position"`); the rest are dropped (their
+    tokens get no contribution from that expert, and only the residual path when all k are dropped).
+    """
+    T, k = experts_TK.shape
+    flat_N = experts_TK.reshape(-1)
+    if capacity_factor is not None and drop_policy == "weight":
+        by_weight = torch.argsort(weights_TK.reshape(-1), descending=True, stable=True)
+        slot_N = by_weight[torch.argsort(flat_N[by_weight], stable=True)]
+    else:
+        slot_N = torch.argsort(flat_N, stable=True)
+    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    if capacity_factor is not None:
+        cap = expert_capacity(T, k, num_experts, capacity_factor)
+        expert_N = flat_N[slot_N]
+        rank_N = torch.arange(slot_N.numel(), device=slot_N.device) - (torch.cumsum(counts_E, 0) - counts_E)[expert_N]
+        keep_N = rank_N < cap
+        slot_N = slot_N[keep_N]
+        if drop_policy == "weight":  # kept rows back in position order within each expert
+            slot_N = slot_N[torch.argsort(flat_N[slot_N] * (T * k) + slot_N)]
+        counts_E = counts_E.clamp(max=cap)
+    return Dispatch(slot_N // k, slot_N, counts_E)
+
+
+def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D] via index_add."""
+    w_N1 = weights_TK.reshape(-1)[d.slot_N].unsqueeze(-1).to(y_ND.dtype)
+    return y_ND.new_zeros(num_tokens, y_ND.shape[-1]).index_add_(0, d.token_N, y_ND * w_N1)

@@ -1,0 +1,89 @@
+"""`MoELayer`: router -> dispatch -> grouped SwiGLU experts -> combine, plus shared experts and aux losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from linear_moe.moe import balance
+from linear_moe.moe.config import MoEConfig
+from linear_moe.moe.dispatch import combine, dispatch
+from linear_moe.moe.experts import GroupedExperts, SwiGLU
+from linear_moe.moe.router import Router
+
+
+@dataclass
+class MoEAux:
+    loss: torch.Tensor  # scalar: weighted sum of the enabled aux losses (add to the LM loss)
+    load: torch.Tensor  # [E] float32 tokens routed to each expert in this call (before capacity dropping), detached
+    balance: torch.Tensor  # scalar, unweighted (0 when balance_coef == 0)
+    device_balance: torch.Tensor  # scalar, unweighted (0 when device_balance_coef == 0)
+    z_loss: torch.Tensor  # scalar, unweighted (0 when z_loss_coef == 0)
+    dropped: int = 0  # assignments dropped by the capacity limit
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts SwiGLU FFN: `y [B, T, D], aux = layer(x [B, T, D])`. See docs/moe.md.
+
+    Buffers: `expert_bias [E]` (float32, persistent): aux-loss-free selection bias (DeepSeek-V3 arXiv:2412.19437);
+    the trainer calls `update_bias(aux.load)` after each optimizer step (no-op when `bias_update_rate == 0`).
+    """
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg, hidden_size)
+        self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_ffn_hidden_size, backend)
+        self.shared_experts = SwiGLU(hidden_size, cfg.shared_ffn_size) if cfg.shared_ffn_size else None
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
+                                   if cfg.shared_expert_gate and self.shared_experts is not None else None)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every weight (as the HF reference models); expert_bias zero."""
+        for p in self.parameters():
+            nn.init.normal_(p, std=self.cfg.init_std)
+        self.expert_bias.zero_()
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        B, T, D = x_BTD.shape
+        cfg = self.cfg
+        x_ND = x_BTD.reshape(-1, D)
+        r = self.router(x_ND, self.expert_bias)
+        d = dispatch(r.experts_TK, r.weights_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        y_ND = combine(self.experts(x_ND[d.token_N], d.counts_E), d, r.weights_TK, x_ND.shape[0])
+        if self.shared_experts is not None:
+            shared_ND = self.shared_experts(x_ND)
+            if self.shared_expert_gate is not None:
+                shared_ND = shared_ND * torch.sigmoid(self.shared_expert_gate(x_ND))
+            y_ND = y_ND + shared_ND
+        return y_ND.view(B, T, D), self._aux(r, B, int(d.counts_E.sum()))
+
+    def _aux(self, r, B: int, kept: int) -> MoEAux:
+        cfg = self.cfg
+        zero = r.logits_TE.new_zeros(())
+        probs_TE = balance.balance_probs(r.scores_TE, cfg.score_func)
+        bal = dev = z = zero
+        if cfg.balance_coef:
+            if cfg.balance_seq_wise:
+                bal = balance.seq_balance_loss(probs_TE.view(B, -1, cfg.num_experts), r.experts_TK.view(B, -1, cfg.top_k))
+            else:
+                bal = balance.balance_loss(probs_TE, r.experts_TK)
+        if cfg.device_balance_coef:
+            dev = balance.device_balance_loss(probs_TE, r.experts_TK, cfg.num_devices)
+        if cfg.z_loss_coef:
+            z = balance.z_loss(r.logits_TE)
+        loss = cfg.balance_coef * bal + cfg.device_balance_coef * dev + cfg.z_loss_coef * z
+        load_E = torch.bincount(r.experts_TK.reshape(-1), minlength=cfg.num_experts).float()
+        return MoEAux(loss, load_E, bal.detach(), dev.detach(), z.detach(), r.experts_TK.numel() - kept)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """bias += bias_update_rate * sign(mean(load) - load). Call after the optimizer step with `aux.load`
+        (summed over micro-batches / data-parallel ranks)."""
+        if self.cfg.bias_update_rate:
+            balance.update_expert_bias(self.expert_bias, load_E, self.cfg.bias_update_rate)
