@@ -118,10 +118,13 @@ class RWKV7Attention(Mixer):
         v_BTHV = v.unflatten(-1, (H, self.head_v_dim))
 
         keep = use_cache or state is not None
-        fn = rec.op("rwkv7", rec.use_recurrent_kernel(self, state, T))
-        o_BTHV, s_BHKV = fn(r=r_BTHK, w=w.unflatten(-1, (H, K)), k=k_BTHK, v=v_BTHV, a=-kk_BTHK, b=kk_BTHK * a_BTHK,
-                            scale=1.0, initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens)
+        recurrent = rec.use_recurrent_kernel(self, state, T)
+        # as fla's layer: the decay bound lets fla's chunk kernel use its 64-token tensor-core scheme
+        tuning = {} if recurrent else {"safe_gate": True, "lower_bound": LOG_DECAY_MIN, "chunk_size": 64}
+        o_BTHV, s_BHKV = rec.op("rwkv7", recurrent)(
+            r=r_BTHK, w=w.unflatten(-1, (H, K)), k=k_BTHK, v=v_BTHV, a=-kk_BTHK, b=kk_BTHK * a_BTHK, scale=1.0,
+            initial_state=None if state is None else state["recurrent"], output_final_state=keep,
+            cu_seqlens=cu_seqlens, **tuning)
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
         bonus_BTH1 = (r_BTHK * k_BTHK * self.r_k).sum(-1, keepdim=True)
         o = (o + (bonus_BTH1 * v_BTHV).flatten(-2)) * g
