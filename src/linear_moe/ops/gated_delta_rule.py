@@ -34,6 +34,10 @@ def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: T
     cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
 
 
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _gates(g: Tensor | None, beta: Tensor, kwargs: dict, gk: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """Apply fla's in-kernel gate/beta activations; return (log decay `[B, T, H]` or `[B, T, H, K]`, beta)."""
     if kwargs.get("gv") is not None:
@@ -42,10 +46,10 @@ def _gates(g: Tensor | None, beta: Tensor, kwargs: dict, gk: Tensor | None = Non
         A_log, dt_bias = kwargs.get("A_log"), kwargs.get("dt_bias")
         if A_log is None:
             raise ValueError("gated_delta_rule: use_gate_in_kernel=True needs A_log [H]")
-        g = g.float() if g.dtype != torch.float64 else g
+        g = _acc(g)
         g = -A_log.to(g.dtype).exp() * F.softplus(g if dt_bias is None else g + dt_bias.to(g.dtype))
     if kwargs.get("use_beta_sigmoid_in_kernel"):
-        beta = beta.float().sigmoid() * (2.0 if kwargs.get("allow_neg_eigval") else 1.0)
+        beta = _acc(beta).sigmoid() * (2.0 if kwargs.get("allow_neg_eigval") else 1.0)
     if gk is not None:
         g = gk if g is None else gk + g[..., None]
     return g, beta

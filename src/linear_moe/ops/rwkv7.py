@@ -36,10 +36,10 @@ def chunk_rwkv7_torch(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: 
                       **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked generalized-WY form. r, w, k, a, b `[B, T, H, K]`, v `[B, T, H, V]`,
     initial_state `[N, H, K, V]` -> o `[B, T, H, V]` (v's dtype), final state `[N, H, K, V]` (float32) or None.
-    fla's kernel-tuning kwargs (safe_gate, chunk_size, disable_recompute, lower_bound) are ignored."""
+    fla's kernel-tuning kwargs (safe_gate, disable_recompute, lower_bound) are ignored; chunk_size is honoured."""
     _check("chunk_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
     return _wy.run_dplr(_wy.chunk_dplr, r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens,
-                        chunk_size=CHUNK_SIZE, a_pre_decay=True)
+                        chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, a_pre_decay=True)
 
 
 def fused_recurrent_rwkv7_torch(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
