@@ -7,10 +7,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-try:
-    from linear_moe.moe import MoEConfig
-except ImportError:  # the MoE package lands separately; until then `moe` is a plain dict (unused)
-    MoEConfig = dict  # type: ignore[misc,assignment]
+from linear_moe.moe import MoEConfig
 
 PATTERN_LETTERS = {"L": "the configured mixer (`mixer`)", "N": "softmax attention"}
 

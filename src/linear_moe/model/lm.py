@@ -6,7 +6,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.mixers import MixerState, build_mixer
@@ -14,25 +13,12 @@ from linear_moe.mixers.common import RMSNorm
 from linear_moe.mixers.hgrn import layer_lower_bounds
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.loss import causal_lm_loss
-
-
-class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN (arXiv:2002.05202): down(silu(gate(x)) * up(x)), [..., D] -> [..., D]."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from linear_moe.moe import MoELayer, SwiGLU
 
 
 def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """MoELayer for MoE layers, else a dense SwiGLU of `ffn_hidden_size`."""
     if cfg.is_moe_layer(layer_idx):
-        from linear_moe.moe import MoELayer
-
         return MoELayer(cfg.moe, cfg.hidden_size)
     return SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
@@ -104,12 +90,15 @@ class LinearMoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embedding and linear weights, zero biases; norms keep their ones."""
+        """Normal(0, init_std) for embedding and linear weights, zero biases (as fla's models); norms keep their
+        ones; mixers keep their own init of decay/gate parameters; MoE layers use `moe.init_std`."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=self.cfg.init_std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        for moe in self.moe_layers():
+            moe.reset_parameters()
 
     def moe_layers(self) -> list[nn.Module]:
         """The `MoELayer`s in layer order (the trainer updates their bias from `expert_load`)."""

@@ -16,22 +16,21 @@ from collections.abc import Callable
 from typing import Any
 
 from linear_moe.model.config import ModelConfig
+from linear_moe.moe import MoEConfig
 
 QWEN2_VOCAB = 151_936
 DEBUG = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128, max_seq_len=256)
 
 
-def _moe(family: str, **kwargs: Any):
-    """`MoEConfig` of one family (the MoE package's family preset) with size overrides."""
-    from linear_moe.moe import MoEConfig
-
+def _moe(family: str, **kwargs: Any) -> MoEConfig:
+    """`MoEConfig` of one family (the MoE package's published defaults) with size overrides."""
     return MoEConfig.preset(family, **kwargs)
 
 
 def _debug(family: str) -> ModelConfig:
     if family == "dense":
         return ModelConfig(**DEBUG)
-    moe = _moe(family, num_experts=8, top_k=2, expert_ffn_hidden_size=32)
+    moe = _moe(family, num_experts=8, top_k=2, expert_ffn_hidden_size=32, init_std=0.02)
     first_k_dense = 1 if family.startswith("deepseek") else 0  # DeepSeek-V2/V3 keep the first layer(s) dense
     return ModelConfig(**DEBUG, moe=moe, first_k_dense=first_k_dense)
 
@@ -41,7 +40,8 @@ def _linear_moe(hidden: int, layers: int, heads: int, expert_ffn: int, dense: bo
                 rope_theta=10000.0)
     if dense:
         return ModelConfig(**base, ffn_hidden_size=8 * expert_ffn)
-    moe = _moe("qwen2-moe", num_experts=64, top_k=8, expert_ffn_hidden_size=expert_ffn, num_shared_experts=0)
+    moe = _moe("qwen2-moe", num_experts=64, top_k=8, expert_ffn_hidden_size=expert_ffn, num_shared_experts=0,
+               shared_expert_gate=False, init_std=0.02)
     return ModelConfig(**base, ffn_hidden_size=8 * expert_ffn, moe=moe)
 
 
