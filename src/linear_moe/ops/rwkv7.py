@@ -22,6 +22,7 @@ from linear_moe.ops._dispatch import fla_op, use_fla
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
+FLA_CHUNK_KWARGS = ("safe_gate", "chunk_size", "disable_recompute", "cp_context", "lower_bound")
 
 
 def _check(name: str, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
@@ -57,12 +58,14 @@ def chunk_rwkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
                 initial_state: Tensor | None = None, output_final_state: bool = False,
                 cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_rwkv7` on CUDA, else `chunk_rwkv7_torch`."""
+    """fla's `chunk_rwkv7` on CUDA (only its own tuning kwargs are forwarded: it takes no **kwargs),
+    else `chunk_rwkv7_torch`."""
     if use_fla(r):
         _check("chunk_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
         return fla_op("rwkv7", "chunk_rwkv7")(
             r, w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+            **{n: val for n, val in kwargs.items() if n in FLA_CHUNK_KWARGS})
     return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
                              cu_seqlens_cpu, **kwargs)
 
