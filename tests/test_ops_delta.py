@@ -232,3 +232,17 @@ def test_bad_input_raises(family: str) -> None:
     if family != "rwkv7":
         with pytest.raises(ValueError, match="beta"):
             call(chunk, family, dict(x, beta=x["beta"][..., None]))
+
+
+@pytest.mark.parametrize("kind", ["chunk", "fused_recurrent"])
+def test_gated_grouped_value_heads(kind: str) -> None:
+    x = make_inputs("gated_delta_rule", 1, 21, 4, 4, 3)  # 4 value heads
+    q2, k2 = x["q"][:, :, :2], x["k"][:, :, :2]  # 2 query/key heads, each shared by 2 value heads
+    fn = ops("gated_delta_rule")[kind == "fused_recurrent"]
+    o, s = fn(q2, k2, x["v"], g=x["g"], beta=x["beta"], output_final_state=True)
+    x_ref = dict(x, q=q2.repeat_interleave(2, dim=2), k=k2.repeat_interleave(2, dim=2))
+    o_ref, s_ref = reference("gated_delta_rule", x_ref, 0.5, None)
+    assert_close(o, o_ref, 1e-10)
+    assert_close(s, s_ref, 1e-10)
+    with pytest.raises(ValueError, match="multiple"):
+        fn(x["q"][:, :, :3], x["k"][:, :, :3], x["v"], g=x["g"], beta=x["beta"])

@@ -30,12 +30,15 @@ MODULES = {"delta_rule": delta_rule, "gated_delta_rule": gated_delta_rule, "rwkv
 NO_FLA_BACKWARD = {"fused_recurrent_gated_delta_rule", "fused_recurrent_rwkv7"}
 
 
-def make_leaves(family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = False) -> dict[str, torch.Tensor]:
-    """Inputs as real layers make them: l2-normalised keys, beta in (0, 1), log decays <= 0, fp32 state."""
+def make_leaves(family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = False,
+                gva: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs as real layers make them: l2-normalised keys, beta in (0, 1), log decays <= 0, fp32 state.
+    gva: value heads per q/k head (gated_delta_rule only)."""
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda")
 
-    h0 = rnd(n, H, K, V) * 0.1
+    HV = H * gva
+    h0 = rnd(n, HV, K, V) * 0.1
     if family == "rwkv7":
         kk = F.normalize(rnd(b, t, H, K), dim=-1)
         x = dict(r=rnd(b, t, H, K), w=-0.6065 * rnd(b, t, H, K).sigmoid(), k=rnd(b, t, H, K) * K ** -0.5,
@@ -44,10 +47,10 @@ def make_leaves(family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = Fa
         q, k = rnd(b, t, H, K), rnd(b, t, H, K)
         if not l2norm_in_kernel:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        x = dict(q=q, k=k, v=rnd(b, t, H, V))
+        x = dict(q=q, k=k, v=rnd(b, t, HV, V))
         if family == "gated_delta_rule":
-            x["g"] = F.logsigmoid(rnd(b, t, H) + 2.0) * 2.0  # fp32, mostly in [-1, 0], some strong
-        x["beta"] = rnd(b, t, H).sigmoid()
+            x["g"] = F.logsigmoid(rnd(b, t, HV) + 2.0) * 2.0  # fp32, mostly in [-1, 0], some strong
+        x["beta"] = rnd(b, t, HV).sigmoid()
     leaves = {n_: (v_ if n_ == "g" else v_.to(BF16)) for n_, v_ in x.items()}
     leaves["initial_state"] = h0
     return {n_: v_.detach().requires_grad_() for n_, v_ in leaves.items()}
@@ -70,12 +73,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def compare(family: str, kind: str, b: int, cu_seqlens: torch.Tensor | None = None, **kw: Any) -> None:
+def compare(family: str, kind: str, b: int, cu_seqlens: torch.Tensor | None = None, gva: int = 1,
+            **kw: Any) -> None:
     mod = MODULES[family]
     name = f"{kind}_{family}"
     n = b if cu_seqlens is None else len(cu_seqlens) - 1
     torch.manual_seed(0)
-    x = make_leaves(family, b, T, n, kw.get("use_qk_l2norm_in_kernel", False))
+    x = make_leaves(family, b, T, n, kw.get("use_qk_l2norm_in_kernel", False), gva)
     x_ref = {k_: v_.detach().float().requires_grad_() for k_, v_ in x.items()}
     o, s = run(getattr(mod, name), family, x, cu_seqlens=cu_seqlens, **kw)
     o_ref, s_ref = run(getattr(mod, f"chunk_{family}_torch"), family, x_ref, cu_seqlens=cu_seqlens, **kw)
@@ -113,3 +117,8 @@ def test_fla_matches_torch_packed(family: str, kind: str) -> None:
 @pytest.mark.parametrize("family", ["delta_rule", "gated_delta_rule"])
 def test_fla_matches_torch_qk_l2norm_in_kernel(family: str, kind: str) -> None:
     compare(family, kind, B, use_qk_l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("kind", ["chunk", "fused_recurrent"])
+def test_fla_matches_torch_grouped_value_heads(kind: str) -> None:
+    compare("gated_delta_rule", kind, B, gva=2)

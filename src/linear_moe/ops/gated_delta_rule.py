@@ -5,7 +5,8 @@ Signatures follow fla 0.6.0 (`fla.ops.gated_delta_rule`), including its in-kerne
 `use_qk_l2norm_in_kernel` (l2-normalise q, k), `use_beta_sigmoid_in_kernel` (beta = sigmoid(beta), times 2 with
 `allow_neg_eigval`), `use_gate_in_kernel` (g = -exp(A_log) * softplus(g + dt_bias)), `state_v_first` (state
 stored `[V, K]`). `fused_recurrent_gated_delta_rule` also takes a per-key-channel decay `gk [B, T, H, K]`.
-The PyTorch path does not implement grouped value heads (v with more heads than q) nor `gv`.
+Grouped value heads (GVA): v, g, beta and the state may have HV = m * H heads; value head i uses q/k head i // m.
+The PyTorch path does not implement the value-side decay `gv`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from linear_moe.ops.delta_rule import check_beta, delta_to_dplr
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 64
+
+
+def expand_gva(name: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Repeat q, k `[B, T, H, K]` to v's HV heads (value head i reads q/k head i // (HV // H))."""
+    h, hv = q.shape[2], v.shape[2]
+    if q.dim() != 4 or v.dim() != 4 or hv == h:
+        return q, k
+    if hv % h:
+        raise ValueError(f"{name}: v has {hv} heads, which must be a multiple of q/k's {h} heads (GVA)")
+    return q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
 
 
 def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor,
@@ -62,9 +73,11 @@ def chunk_gated_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, bet
                                  state_v_first: bool = False, cu_seqlens: Tensor | None = None,
                                  cu_seqlens_cpu: Tensor | None = None,
                                  **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """PyTorch chunked WY form. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`,
-    initial_state `[N, H, K, V]` -> o `[B, T, H, V]` (v's dtype), final state `[N, H, K, V]` (float32) or None."""
+    """PyTorch chunked WY form. q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g, beta `[B, T, HV]` (HV = H, or a
+    multiple for GVA), initial_state `[N, HV, K, V]` (`[N, HV, V, K]` with state_v_first)
+    -> o `[B, T, HV, V]` (v's dtype), final state like initial_state (float32) or None."""
     cc.reject_head_first("chunk_gated_delta_rule", kwargs)
+    q, k = expand_gva("chunk_gated_delta_rule", q, k, v)
     _check("chunk_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens)
     g, beta = _gates(g, beta, dict(kwargs, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                    allow_neg_eigval=allow_neg_eigval))
@@ -86,6 +99,7 @@ def fused_recurrent_gated_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: T
     """PyTorch token loop (decoding path). g `[B, T, H]` and/or gk `[B, T, H, K]` (log decays, optional),
     beta `[B, T, H]` (default ones); shapes otherwise as `chunk_gated_delta_rule_torch`."""
     cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
+    q, k = expand_gva("fused_recurrent_gated_delta_rule", q, k, v)
     beta = torch.ones_like(q[..., 0]) if beta is None else beta
     _check("fused_recurrent_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens, gk)
     opts = dict(gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
