@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from linear_moe.moe.dispatch import expert_counts
+
 
 def expert_fraction(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """f [E]: fraction of the T*k routing slots that chose each expert (sums to 1)."""
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    counts_E = expert_counts(experts_TK, num_experts)
     return counts_E.float() / max(experts_TK.numel(), 1)
 
 

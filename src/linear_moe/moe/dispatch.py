@@ -15,6 +15,12 @@ class Dispatch:
     counts_E: torch.Tensor  # kept assignments per expert (int64)
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 number of entries of `experts` equal to each expert id (bincount without bincount's host sync)."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """ceil(capacity_factor * tokens * k / E) (GShard arXiv:2006.16668 / Switch arXiv:2101.03961)."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -35,7 +41,7 @@ def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: in
         slot_N = by_weight[torch.argsort(flat_N[by_weight], stable=True)]
     else:
         slot_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    counts_E = expert_counts(flat_N, num_experts)
     if capacity_factor is not None:
         cap = expert_capacity(T, k, num_experts, capacity_factor)
         expert_N = flat_N[slot_N]

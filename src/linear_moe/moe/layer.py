@@ -9,9 +9,9 @@ from torch import nn
 
 from linear_moe.moe import balance
 from linear_moe.moe.config import MoEConfig
-from linear_moe.moe.dispatch import combine, dispatch
+from linear_moe.moe.dispatch import combine, dispatch, expert_counts
 from linear_moe.moe.experts import GroupedExperts, SwiGLU
-from linear_moe.moe.router import Router
+from linear_moe.moe.router import Router, Routing
 
 
 @dataclass
@@ -21,7 +21,7 @@ class MoEAux:
     balance: torch.Tensor  # scalar, unweighted (0 when balance_coef == 0)
     device_balance: torch.Tensor  # scalar, unweighted (0 when device_balance_coef == 0)
     z_loss: torch.Tensor  # scalar, unweighted (0 when z_loss_coef == 0)
-    dropped: int = 0  # assignments dropped by the capacity limit
+    dropped: torch.Tensor  # scalar int64: assignments dropped by the capacity limit (a tensor: no host sync)
 
 
 class MoELayer(nn.Module):
@@ -61,9 +61,9 @@ class MoELayer(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_ND = shared_ND * torch.sigmoid(self.shared_expert_gate(x_ND))
             y_ND = y_ND + shared_ND
-        return y_ND.view(B, T, D), self._aux(r, B, int(d.counts_E.sum()))
+        return y_ND.view(B, T, D), self._aux(r, B, d.counts_E.sum())
 
-    def _aux(self, r, B: int, kept: int) -> MoEAux:
+    def _aux(self, r: Routing, B: int, kept: torch.Tensor) -> MoEAux:
         cfg = self.cfg
         zero = r.logits_TE.new_zeros(())
         probs_TE = balance.balance_probs(r.scores_TE, cfg.score_func)
@@ -78,7 +78,7 @@ class MoELayer(nn.Module):
         if cfg.z_loss_coef:
             z = balance.z_loss(r.logits_TE)
         loss = cfg.balance_coef * bal + cfg.device_balance_coef * dev + cfg.z_loss_coef * z
-        load_E = torch.bincount(r.experts_TK.reshape(-1), minlength=cfg.num_experts).float()
+        load_E = expert_counts(r.experts_TK, cfg.num_experts).float()
         return MoEAux(loss, load_E, bal.detach(), dev.detach(), z.detach(), r.experts_TK.numel() - kept)
 
     @torch.no_grad()
