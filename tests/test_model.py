@@ -179,6 +179,15 @@ def test_prefill_and_decode_equal_full_forward(mixer):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_all_ignored_targets_give_zero_loss():
+    model = build(tiny())
+    ids = torch.randint(0, 512, (2, 5))
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() == 0
+
+
 def test_states_length_checked():
     model = build(tiny())
     with pytest.raises(ValueError, match="one state per layer"):
