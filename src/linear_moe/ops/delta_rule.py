@@ -71,10 +71,10 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float
                      initial_state: Tensor | None = None, output_final_state: bool = False,
                      use_qk_l2norm_in_kernel: bool = False, cu_seqlens: Tensor | None = None,
                      cu_seqlens_cpu: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_delta_rule` on CUDA (it rejects float32 inputs: use bf16/fp16), else
-    `chunk_delta_rule_torch`."""
+    """fla's `chunk_delta_rule` on CUDA for bf16/fp16 inputs, else `chunk_delta_rule_torch` (fla's kernel
+    rejects float32, so float32 CUDA inputs take the PyTorch path)."""
     cc.reject_head_first("chunk_delta_rule", kwargs)
-    if use_fla(q):
+    if use_fla(q) and q.dtype != torch.float32:
         _check("chunk_delta_rule", q, k, v, beta, initial_state, cu_seqlens)
         return fla_op("delta_rule", "chunk_delta_rule")(
             q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,

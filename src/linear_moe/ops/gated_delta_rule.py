@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from linear_moe.ops import _chunk_common as cc
 from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops._dispatch import check_layout, check_varlen, fla_op, use_fla
 from linear_moe.ops.delta_rule import check_beta, delta_to_dplr
 
 Tensor = torch.Tensor
@@ -43,6 +43,13 @@ def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: T
         check_beta(name, q, g, "g")
     check_beta(name, q, beta)
     cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
+
+
+def _check_fla(name: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
+    """Layout checks before fla's kernel (which validates the rest; v may have more heads than q: GVA)."""
+    check_layout(name, q=q, k=k)
+    check_layout(name, v=v)
+    check_varlen(name, q, cu_seqlens)
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -120,6 +127,7 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     """fla's `chunk_gated_delta_rule` on CUDA (bf16/fp16 inputs), else `chunk_gated_delta_rule_torch`."""
     cc.reject_head_first("chunk_gated_delta_rule", kwargs)
     if use_fla(q):
+        _check_fla("chunk_gated_delta_rule", q, k, v, cu_seqlens)
         return fla_op("gated_delta_rule", "chunk_gated_delta_rule")(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
@@ -141,6 +149,7 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
     """fla's `fused_recurrent_gated_delta_rule` on CUDA, else `fused_recurrent_gated_delta_rule_torch`."""
     cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
     if use_fla(q):
+        _check_fla("fused_recurrent_gated_delta_rule", q, k, v, cu_seqlens)
         return fla_op("gated_delta_rule", "fused_recurrent_gated_delta_rule")(
             q, k, v, g=g, gk=gk, gv=gv, beta=beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
