@@ -25,9 +25,25 @@ def test_fused_loss_equals_plain_loss():
     g_fused = torch.autograd.grad(fused, (h, w))
     plain = F.cross_entropy(F.linear(h, w).flatten(0, 1), labels.flatten(), ignore_index=-100)
     g_plain = torch.autograd.grad(plain, (h, w))
-    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    # fla's Triton matmuls may run fp32 inputs in TF32 (10-bit mantissa): ~1e-3 relative on logits and gradients
+    torch.testing.assert_close(fused, plain, atol=2e-3, rtol=1e-3)
     for a, b in zip(g_fused, g_plain, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+        assert (a - b).norm() / b.norm() < 1e-2
+
+
+def test_model_fused_and_plain_loss_agree():
+    if not fused_available(torch.zeros(1, device="cuda")):
+        pytest.skip("fla not installed")
+    torch.manual_seed(0)
+    cfg = get_preset("debug-mixtral").replace(mixer="gla")
+    model = LinearMoEForCausalLM(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = model(ids[:, :-1], labels=ids[:, 1:])
+        model.cfg.fuse_linear_cross_entropy = False
+        plain = model(ids[:, :-1], labels=ids[:, 1:])
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(fused.loss, plain.loss, atol=2e-2, rtol=1e-2)  # bf16 logits on the plain path
 
 
 @pytest.mark.parametrize("preset", ["debug-dense", "debug-mixtral", "debug-deepseek-v3"])

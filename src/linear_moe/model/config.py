@@ -43,6 +43,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from linear_moe.mixers import MIXERS
 
+        if isinstance(self.moe, dict):  # ModelConfig(moe={...}) written by hand
+            self.moe = MoEConfig(**self.moe)
         if self.mixer not in MIXERS:
             raise ValueError(f"unknown mixer {self.mixer!r}; valid mixers: {', '.join(sorted(MIXERS))}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
