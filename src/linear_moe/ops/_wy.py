@@ -72,7 +72,7 @@ def chunk_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b
     q, k, v, a, b = prep(q_BTHK) * scale, prep(k_BTHK), prep(v_BTHV), prep(a_BTHK), prep(b_BTHK)
     g = prep(g if not scalar else g[..., None])  # [B, H, N, C, K] or [B, H, N, C, 1]
     G = g.cumsum(3)  # inclusive within-chunk log decay
-    Ga = G - g if a_pre_decay else G  # decay applied before a_j reads the state
+    Ga = G - g if a_pre_decay else G  # log decay the state has seen when a_j reads it
 
     i = torch.arange(C, device=q.device)
     causal = i[:, None] >= i[None, :]  # [C, C] j <= i
@@ -98,15 +98,16 @@ def chunk_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b
     Q_BHNCK = qd + A_qb @ W_BHNCK  # everything that multiplies S_0 in the output
 
     G_last = G[..., -1:, :]
-    kd, bd = k * (G_last - G).exp(), b * (G_last - G).exp()  # [B, H, N, C, K]
+    to_end = (G_last - G).exp()  # decay from token i to the chunk's end
+    KV_BHNKV = (k * to_end).transpose(-1, -2) @ v  # the chunk's key-value contribution to its end state
+    bd_BHNCK = b * to_end
     decay_BHNK = G_last[..., 0, :].exp()
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     outs = []
     for n in range(N):
         outs.append(o_intra[:, :, n] + Q_BHNCK[:, :, n] @ S)
         U = U0_BHNCV[:, :, n] + W_BHNCK[:, :, n] @ S
-        S = (decay_BHNK[:, :, n, :, None] * S + kd[:, :, n].transpose(-1, -2) @ v[:, :, n]
-             + bd[:, :, n].transpose(-1, -2) @ U)
+        S = decay_BHNK[:, :, n, :, None] * S + KV_BHNKV[:, :, n] + bd_BHNCK[:, :, n].transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     return o.movedim(1, 3).reshape(B, N * C, H, V)[:, :T], S
 
