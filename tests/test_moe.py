@@ -153,6 +153,7 @@ def test_update_bias_sign_rule():
     off.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
     assert off.expert_bias.abs().sum() == 0
     assert "expert_bias" in layer.state_dict()
+    assert layer.bfloat16().expert_bias.dtype == torch.float32  # 1e-3 steps would vanish in bf16
 
 
 @pytest.mark.parametrize("policy,kept", [("weight", [1, 3, 4]), ("position", [0, 1, 4])])

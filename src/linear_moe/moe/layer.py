@@ -49,6 +49,13 @@ class MoELayer(nn.Module):
             nn.init.normal_(p, std=self.cfg.init_std)
         self.expert_bias.zero_()
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep `expert_bias` float32 under `.to(bf16)` / `.half()`: updates of 1e-3 vanish in bf16."""
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
         cfg = self.cfg
