@@ -2,7 +2,8 @@
 
     python -m linear_moe.model.bench --preset A0.3B-2B --mixer gla --shape 32x2048 --shape 4x16384:packed
 
-Precision: fp32 master weights with bf16 autocast (as the trainer runs). Each shape `BxT` is a batch of B rows
+Precision (`--precision`): `autocast` (default, as the trainer runs) = fp32 master weights with bf16 autocast;
+`bf16` = bf16 weights without autocast (a throughput upper bound: no casts, bf16 residual stream). Each shape `BxT` is a batch of B rows
 of T tokens; `BxT:packed` instead packs B documents of T tokens into one row with `cu_seqlens` (the layout the
 data pipeline feeds the trainer). After `--warmup` steps, `--steps` steps are timed with CUDA events and the
 script prints tokens/s, MFU (`flops_per_token(cfg, T)` over `--peak` FLOP/s, 989e12 = H200 dense bf16) and
@@ -13,6 +14,7 @@ script prints tokens/s, MFU (`flops_per_token(cfg, T)` over `--peak` FLOP/s, 989
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +44,12 @@ def parse_shape(spec: str) -> tuple[int, int, bool]:
     return b, t, layout == "packed"
 
 
-def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int, peak: float) -> BenchResult:
+def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int, peak: float,
+                autocast: bool = True) -> BenchResult:
+    """Time `steps` forward+backward steps of shape `spec` on the model's device (CUDA events on GPU; wall clock
+    on CPU, which only smoke-tests the script)."""
     b, t, packed = parse_shape(spec)
-    cfg, dev = model.cfg, torch.device("cuda")
+    cfg, dev = model.cfg, model.lm_head.weight.device
     ids = torch.randint(0, cfg.vocab_size, (b, t), device=dev)
     labels = torch.randint(0, cfg.vocab_size, (b, t), device=dev)
     cu = None
@@ -53,7 +58,7 @@ def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int,
         cu = torch.arange(0, b * t + 1, t, device=dev, dtype=torch.int32)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(ids, labels=labels, cu_seqlens=cu)
             loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
         loss.backward()
@@ -61,16 +66,22 @@ def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int,
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    end.record()
-    torch.cuda.synchronize()
-    tok_s = b * t * steps / (start.elapsed_time(end) / 1e3)
-    return BenchResult(spec, tok_s, tok_s * flops_per_token(cfg, t) / peak, torch.cuda.max_memory_allocated() / 2**30)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
+    tok_s = b * t * steps / seconds
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return BenchResult(spec, tok_s, tok_s * flops_per_token(cfg, t) / peak, mem)
 
 
 def main(argv: list[str] | None = None) -> list[BenchResult]:
@@ -82,23 +93,28 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak", type=float, default=989e12, help="peak bf16 FLOP/s for MFU")
+    p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
+                   help="autocast: fp32 weights + bf16 autocast; bf16: bf16 weights, no autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--no-fused-ce", action="store_true", help="plain cross-entropy (materialises logits)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU (--device cpu only smoke-tests the script)")
     cfg = get_preset(args.preset).replace(mixer=args.mixer, layer_pattern=args.layer_pattern,
                                           fuse_linear_cross_entropy=not args.no_fused_ce)
     torch.manual_seed(0)
-    model = LinearMoEForCausalLM(cfg).cuda()
+    model = LinearMoEForCausalLM(cfg).to(args.device)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
     if args.compile:
         for block in model.layers:
             block.compile()
-    print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e9:.3f}B "
-          f"active={count_params(cfg, active=True) / 1e9:.3f}B (fp32 weights, bf16 autocast, compile={args.compile})")
+    print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
+          f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile}")
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
-        r = bench_shape(model, spec, args.steps, args.warmup, args.peak)
+        r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast")
         print(f"  {r.shape:>16}: {r.tokens_per_s / 1e3:8.1f}k tokens/s  MFU {100 * r.mfu:5.1f}%  "
               f"max mem {r.max_mem_gib:6.1f} GiB", flush=True)
         results.append(r)
