@@ -145,6 +145,19 @@ def test_expert_bias_changes_selection_not_weights():
     torch.testing.assert_close(r1.weights_TK[0].sort().values, torch.stack([s[3], s[0]]).sort().values)
 
 
+def test_autocast_bf16_router_float32():
+    """Under bf16 autocast the router logits stay float32 and the experts run in bf16 (close to float32)."""
+    torch.manual_seed(0)
+    layer = MoELayer(tiny("mixtral"), 16)
+    x = torch.randn(1, 6, 16)
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x[0])
+        y16, _ = layer(x)
+    assert r.logits_TE.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).norm() < 2e-2 * y32.norm()
+
+
 def test_update_bias_sign_rule():
     layer = MoELayer(tiny("deepseek_v3", num_experts=4, n_group=1, topk_group=1), 8)
     layer.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # mean 5

@@ -98,3 +98,16 @@ def test_layer_bf16_cuda_matches_bmm_path(family):
     (y1, aux1), (y2, aux2) = fast(x), slow(x)
     assert rel_err(y1, y2) < 1e-2
     torch.testing.assert_close(aux1.load, aux2.load)
+
+
+def test_layer_fp32_params_under_bf16_autocast():
+    """The trainer's setup: float32 parameters, bf16 autocast. Experts take the grouped_mm bf16 path."""
+    torch.manual_seed(0)
+    layer = MoELayer(moe_preset("deepseek_v3", num_experts=E, top_k=K, expert_ffn_hidden_size=FF // 4), 256).cuda()
+    x = torch.randn(2, 128, 256, device="cuda")
+    ref, _ = layer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2
+    (y.float().square().mean() + aux.loss).backward()
+    assert torch.isfinite(layer.experts.w13.grad).all() and layer.router.weight.grad.dtype == torch.float32

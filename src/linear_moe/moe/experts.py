@@ -32,10 +32,13 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def grouped_mm_supported(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` can run these operands: CUDA bf16 (SM >= 80), or CPU float32 (torch >= 2.13),
-    with 16-byte aligned strides."""
+    with 16-byte aligned strides. Not CPU float32 under torch.compile (the fake kernel accepts only bf16)."""
     if not hasattr(torch, "_grouped_mm") or x_NK.dtype != w_EKM.dtype:
         return False
-    ok_dtype = x_NK.dtype == torch.bfloat16 if x_NK.is_cuda else x_NK.dtype == torch.float32
+    if x_NK.is_cuda:
+        ok_dtype = x_NK.dtype == torch.bfloat16
+    else:
+        ok_dtype = x_NK.dtype == torch.float32 and not torch.compiler.is_compiling()
     return ok_dtype and _aligned(x_NK) and _aligned(w_EKM)
 
 
@@ -77,7 +80,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x [N, D] sorted by expert (counts_E rows each) -> [N, D]."""
-        h_N2F = grouped_matmul(x_ND, self.w13.to(x_ND.dtype), counts_E, self.backend)
+        """x [N, D] sorted by expert (counts_E rows each) -> [N, D], in the autocast dtype when autocast is on
+        (autocast does not cover `_grouped_mm` / `bmm` on float32 weights by itself)."""
+        dtype = x_ND.dtype
+        if torch.is_autocast_enabled(x_ND.device.type):
+            dtype = torch.get_autocast_dtype(x_ND.device.type)
+        x_ND = x_ND.to(dtype)
+        h_N2F = grouped_matmul(x_ND, self.w13.to(dtype), counts_E, self.backend)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate_NF) * up_NF, self.w2.to(x_ND.dtype), counts_E, self.backend)
+        return grouped_matmul(F.silu(gate_NF) * up_NF, self.w2.to(dtype), counts_E, self.backend)

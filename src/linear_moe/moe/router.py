@@ -46,7 +46,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, bias_E: torch.Tensor | None = None) -> Routing:
         """x [T, D] -> `Routing`. `bias_E` shifts only which experts are selected, never their weights."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # the router stays float32 under bf16 autocast
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         return route(logits_TE, self.cfg, bias_E)
 
 
