@@ -40,11 +40,16 @@ class Block(nn.Module):
         y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache,
                                       **mixer_kwargs)
         x_BTD = x_BTD + y_BTD
+        h_BTD = self.ffn_norm(x_BTD)
+        if torch.is_autocast_enabled(h_BTD.device.type):
+            # the residual stream stays fp32 under autocast; hand the FFN its compute dtype so the grouped expert
+            # GEMMs (torch._grouped_mm wants bf16 operands on CUDA) run without a padded fallback
+            h_BTD = h_BTD.to(torch.get_autocast_dtype(h_BTD.device.type))
         aux = None
         if self.is_moe:
-            y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
+            y_BTD, aux = self.ffn(h_BTD)
         else:
-            y_BTD = self.ffn(self.ffn_norm(x_BTD))
+            y_BTD = self.ffn(h_BTD)
         return x_BTD + y_BTD, new_state, aux
 
 
