@@ -169,6 +169,23 @@ def test_update_bias_sign_rule():
     assert layer.bfloat16().expert_bias.dtype == torch.float32  # 1e-3 steps would vanish in bf16
 
 
+def test_bias_updates_balance_a_skewed_router():
+    """Aux-loss-free balancing alone (no gradient step) spreads a router that sends everything to expert 0."""
+    torch.manual_seed(0)
+    layer = MoELayer(tiny("deepseek_v3", num_experts=4, top_k=1, n_group=1, topk_group=1, bias_update_rate=0.02), 8)
+    with torch.no_grad():
+        layer.router.weight.mul_(5.0)
+        layer.router.weight[0, 0] = 3.0
+    x = torch.randn(1, 64, 8)
+    x[..., 0] = x[..., 0].abs() + 0.5
+    first = layer(x)[1].load
+    for _ in range(50):
+        layer.update_bias(layer(x)[1].load)
+    last = layer(x)[1].load
+    assert first[0] > 56 and last.max() <= 24  # 64 tokens over 4 experts: 16 each when even
+    assert layer.expert_bias[0] < 0 < layer.expert_bias[1:].min()
+
+
 @pytest.mark.parametrize("policy,kept", [("weight", [1, 3, 4]), ("position", [0, 1, 4])])
 def test_capacity_drops_expected_tokens(policy, kept):
     # 5 tokens, k=1, E=2, cf=0.8 -> capacity ceil(0.8 * 5 / 2) = 2; tokens 0-3 -> expert 0, token 4 -> expert 1

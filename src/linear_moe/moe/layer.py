@@ -57,6 +57,7 @@ class MoELayer(nn.Module):
         return self
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """x [B, T, D] -> (y [B, T, D], `MoEAux`). Every token is routed independently (dropless default)."""
         B, T, D = x_BTD.shape
         cfg = self.cfg
         x_ND = x_BTD.reshape(-1, D)
