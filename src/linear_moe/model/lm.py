@@ -34,6 +34,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.takes_lower_bound = uses_lower_bound(self.mixer)
 
     def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False, **mixer_kwargs: torch.Tensor):
@@ -120,7 +121,7 @@ class LinearMoEForCausalLM(nn.Module):
         new_states, auxes = [], []
         bounds_LD = layer_lower_bounds(self.lower_bounds) if self.lower_bounds is not None else None
         for i, block in enumerate(self.layers):
-            extra = {"lower_bound": bounds_LD[i]} if bounds_LD is not None and uses_lower_bound(block.mixer) else {}
+            extra = {"lower_bound": bounds_LD[i]} if block.takes_lower_bound else {}
             x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache, **extra)
             new_states.append(st)
             if aux is not None:
