@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from linear_moe.train.optim import param_groups
@@ -44,3 +46,173 @@ def test_weight_decay_only_on_matrices():
         id(model[2].bias),
     }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- with a model
+
+# a tiny hybrid Linear-MoE: GLA + attention layers, Mixtral-style MoE (8 experts, top-2)
+TINY_MODEL = ["model.preset=debug-mixtral", "model.mixer=gla", "model.layer_pattern=LN", "model.hidden_size=32"]
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A linear model mixes tokens with a recurrent state.\n\n"
+    "Experts route each token to a few feed forward networks, and the router learns which ones fit.\n\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from linear_moe.data import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(TEXT * 40)
+    prepare([str(root / "corpus.txt")], root / "ds", vocab_size=300, split_docs=True, val_fraction=0.1, progress=False)
+    return root / "ds"
+
+
+def tiny_run(run_dir: Path, data: Path, *overrides: str):
+    """A tiny hybrid run: (RunConfig, Trainer)."""
+    from linear_moe.data import PackedDataset
+    from linear_moe.train.config import load_run_config
+    from linear_moe.train.run import build_model
+    from linear_moe.train.trainer import Trainer
+
+    cfg = load_run_config(
+        None,
+        [
+            *TINY_MODEL,
+            f"data.path={data}",
+            "data.seq_len=32",
+            "data.micro_batch_size=2",
+            "train.steps=6",
+            "train.warmup=2",
+            "train.log_every=1",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            f"train.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
+    ds = PackedDataset(data, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.seed)
+    cfg.model.vocab_size = ds.vocab_size
+    return cfg, Trainer(cfg, build_model(cfg), ds, ds.val)
+
+
+def _train_losses(trainer) -> list[float]:
+    return [r["loss"] for r in trainer.history if r["split"] == "train"]
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    from linear_moe.train.checkpoint import find_latest
+
+    _, straight = tiny_run(tmp_path / "a", tiny_data, "train.grad_accum=2")
+    straight.fit()
+    _, first = tiny_run(tmp_path / "b", tiny_data, "train.grad_accum=2")
+    first.fit(stop_at=3)
+    _, second = tiny_run(tmp_path / "b", tiny_data, "train.grad_accum=2", "train.seed=123")  # init is overwritten
+    second.resume(find_latest(tmp_path / "b" / "checkpoints"))
+    assert second.step == 3
+    second.fit()
+    assert _train_losses(first) + _train_losses(second) == _train_losses(straight)
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_losses_depend_only_on_config(tiny_data, tmp_path):
+    _, a = tiny_run(tmp_path / "a", tiny_data, "train.steps=2")
+    _, b = tiny_run(tmp_path / "b", tiny_data, "train.steps=2")
+    _, c = tiny_run(tmp_path / "c", tiny_data, "train.steps=2", "data.seed=1")
+    a.fit(), b.fit(), c.fit()
+    assert _train_losses(a) == _train_losses(b) != _train_losses(c)
+
+
+def test_metrics_jsonl_and_plots(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    from linear_moe.train.logging import read_metrics
+    from linear_moe.train.plot import plot_run
+
+    cfg, trainer = tiny_run(tmp_path / "run", tiny_data)
+    summary = trainer.fit()
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in val] == [3, 6]
+    assert summary["val_loss"] == val[-1]["loss"]
+    n_moe = len(trainer.model.moe_layers())
+    assert n_moe > 0
+    for r in train:
+        assert r["lr"] == pytest.approx(trainer.lr(r["step"] - 1))
+        load = torch.tensor(r["expert_load"])
+        assert load.shape == (n_moe, cfg.model.moe.num_experts)
+        torch.testing.assert_close(load.sum(-1), torch.ones(n_moe), atol=1e-4, rtol=0)
+        assert r["load_imbalance"] >= 1.0
+    written = plot_run(tmp_path / "run")
+    assert sorted(p.name for p in written) == ["expert_load.png", "loss.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_sft_loss_covers_only_response_tokens(tiny_data, tmp_path):
+    """The trainer's loss on an SFT batch equals a CE masked by hand to the response tokens (and their EOS)."""
+    import json
+
+    from linear_moe.data import ASSISTANT, SFTDataset, Tokenizer
+
+    records = [{"prompt": f"Say {w}.", "response": f"{w} {w}, the fox."} for w in ("one", "two", "three", "four")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = Tokenizer.from_file(tiny_data / "tokenizer.json")
+    cfg, trainer = tiny_run(tmp_path / "run", tiny_data)
+    trainer.data = SFTDataset(tmp_path / "chat.jsonl", tok, seq_len=32, micro_batch_size=2, seed=0)
+    batch = trainer.data.get_batch(0)
+    ids = batch.input_ids[0].tolist()
+    # hand mask: after `<|assistant|>\n` every token up to and including EOS is a target
+    newline, assistant = tok.encode("\n"), tok.token_id(ASSISTANT)
+    in_response, start, is_target = False, 0, []
+    for i, t in enumerate(ids):
+        is_target.append(in_response and i >= start)
+        if t == assistant:
+            in_response, start = True, i + 1 + len(newline)
+        elif in_response and t == tok.eos_id:
+            in_response = False
+    targets = torch.tensor(is_target[1:] + [False])  # target of position t is token t + 1
+    assert targets.any() and (~targets).any()
+    expected_labels = torch.where(targets, torch.tensor(ids[1:] + [0]), torch.tensor(-100))
+    assert torch.equal(batch.labels[0], expected_labels)
+    with torch.no_grad():
+        logits = trainer.model(batch.input_ids, cu_seqlens=batch.cu_seqlens).logits[0]
+    hand = torch.nn.functional.cross_entropy(logits[targets].float(), expected_labels[targets])
+    assert trainer.train_step(0).loss == pytest.approx(hand.item(), rel=1e-5)
+
+
+def test_activation_checkpointing_keeps_losses_and_names(tiny_data, tmp_path):
+    _, plain = tiny_run(tmp_path / "a", tiny_data, "train.steps=2")
+    _, ac = tiny_run(tmp_path / "b", tiny_data, "train.steps=2", "train.activation_checkpointing=true")
+    plain.fit(), ac.fit()
+    assert _train_losses(ac) == pytest.approx(_train_losses(plain), rel=1e-5)
+    assert list(ac.model.state_dict()) == list(plain.model.state_dict())
+
+
+def test_default_yaml_is_the_builtin_default():
+    from linear_moe.config import to_dict
+    from linear_moe.train.config import load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert to_dict(load_run_config(root / "configs" / "default.yaml")) == to_dict(load_run_config(None))
+
+
+def test_aux_free_bias_follows_the_summed_load(tiny_data, tmp_path):
+    """After each update every MoE layer's bias moves by rate * sign(mean load - load), with the load summed over
+    the step's micro-batches."""
+    _, trainer = tiny_run(tmp_path / "run", tiny_data, "model.preset=debug-deepseek-v3", "train.grad_accum=2")
+    layers = trainer.model.moe_layers()
+    rate = layers[0].cfg.bias_update_rate
+    assert rate > 0
+    bias_before = [layer.expert_bias.clone() for layer in layers]
+    with torch.no_grad():
+        load_LE = sum(
+            trainer.model(b.input_ids, labels=b.labels, cu_seqlens=b.cu_seqlens).expert_load.float()
+            for b in (trainer.data.get_batch(0), trainer.data.get_batch(1))
+        )
+    trainer.train_step(0)
+    for layer, before, load_E in zip(layers, bias_before, load_LE, strict=True):
+        torch.testing.assert_close(layer.expert_bias - before, rate * torch.sign(load_E.mean() - load_E))

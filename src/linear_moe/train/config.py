@@ -10,6 +10,8 @@ given explicitly (in the YAML file or as `model.FIELD=...` on the command line) 
 preset's value. Without a preset the model starts from the built-in default model (`default_model()`). The written
 config keeps the preset's name and lists every field, so reloading it gives the same model.
 Precedence, lowest first: dataclass defaults < preset < YAML file < command-line overrides.
+`model.moe.family: NAME` in the YAML file starts the MoE section from that family's published defaults
+(`MoEConfig.preset`) with the other given `model.moe` fields on top.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 
 from ..config import ConfigError, apply_overrides, from_dict, to_dict
 from ..model import ModelConfig, get_preset
+from ..moe import MoEConfig
 from .schedule import SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,15 +98,16 @@ class FinetuneConfig:
 
 def default_model() -> ModelConfig:
     """The built-in default model (`linear-moe train` without a config; configs/default.yaml lists it):
-    a small hybrid Linear-MoE, three linear-mixer layers per softmax-attention layer."""
+    a small hybrid Linear-MoE, three Gated-DeltaNet layers per softmax-attention layer, Mixtral-style MoE."""
     return ModelConfig(
         vocab_size=4096,
         hidden_size=128,
         num_layers=4,
         num_heads=4,
-        mixer="gla",
+        mixer="gated_deltanet",
         layer_pattern="LLLN",
         ffn_hidden_size=256,
+        moe=MoEConfig.preset("mixtral", num_experts=8, top_k=2, expert_ffn_hidden_size=128),
         max_seq_len=1024,
     )
 
@@ -139,6 +143,13 @@ def _read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def _moe_preset(family: str, fields: dict[str, Any]) -> MoEConfig:
+    try:
+        return MoEConfig.preset(family, **fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.moe: {e}") from None
+
+
 def build_run_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     """A RunConfig from a parsed YAML mapping and `key=value` overrides (see the module docstring)."""
     raw = dict(raw)
@@ -154,8 +165,12 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfi
             preset = yaml.safe_load(value) if value.strip() else None
         else:
             rest.append(item)
-    base = get_preset(preset) if preset else default_model()
-    model = from_dict(ModelConfig, _deep_merge(to_dict(base), model_raw))
+    base = to_dict(get_preset(preset) if preset else default_model())
+    moe_raw = model_raw.get("moe")
+    if isinstance(moe_raw, dict) and "family" in moe_raw:  # a family starts from its published defaults
+        fields = {k: v for k, v in moe_raw.items() if k != "family"}
+        base["moe"] = to_dict(_moe_preset(moe_raw["family"], fields))
+    model = from_dict(ModelConfig, _deep_merge(base, model_raw))
     cfg = from_dict(RunConfig, raw)
     cfg = apply_overrides(dataclasses.replace(cfg, model=model), rest)
     cfg.preset = preset
