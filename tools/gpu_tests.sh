@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the GPU test suite on a CUDA machine (the H200 device machine: run from the repo root after
+# `source .gpu/env.sh`). Results and the Triton cache go to $OUT when it is set.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, fla; print('torch', torch.__version__, 'fla', fla.__version__)"
+# Several workers: most of the first run is Triton compiling and autotuning fla's kernels (CPU-bound).
+python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
+  --junitxml="$OUT/gpu-junit.xml" -rfE "$@" 2>&1 | tee "$OUT/gpu-tests.log" | tail -60
+tar czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null || true
