@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -132,12 +133,14 @@ def test_metrics_jsonl_and_plots(tiny_data, tmp_path):
     from linear_moe.train.logging import read_metrics
     from linear_moe.train.plot import plot_run
 
-    cfg, trainer = tiny_run(tmp_path / "run", tiny_data)
+    cfg, trainer = tiny_run(tmp_path / "run", tiny_data, "train.tensorboard=true")
     summary = trainer.fit()
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     records = read_metrics(tmp_path / "run")
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
-    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in val] == [3, 6]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in val] == [0, 3, 6]
     assert summary["val_loss"] == val[-1]["loss"]
     n_moe = len(trainer.model.moe_layers())
     assert n_moe > 0

@@ -53,11 +53,11 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, logging and checkpointing of one run."""
 
-    steps: int = 400  # optimizer updates
+    steps: int = 1200  # optimizer updates
     grad_accum: int = 1  # micro-batches per update
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # learning rate at the last step
-    warmup: int = 30  # linear warmup steps
+    warmup: int = 40  # linear warmup steps
     schedule: str = "cosine"  # cosine | wsd
     decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
     weight_decay: float = 0.1  # AdamW decay of weight matrices (not norms, biases, embeddings)
@@ -67,7 +67,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (non-reentrant)
     compile: bool = False  # torch.compile each block
     log_every: int = 10  # steps between training log records
-    eval_every: int = 100  # steps between validation losses (0 = only at the end)
+    eval_every: int = 300  # steps between validation losses (0 = only at the end)
     eval_batches: int = 4  # micro-batches per validation loss
     save_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # complete checkpoints kept (0 = all)
@@ -79,7 +79,7 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files in run_dir/tb (when tensorboard is installed)
     plot: bool = True  # write loss.png and expert_load.png at the end
     progress: bool = True  # show the progress bar
-    sample_prompt: str = "The "  # prompt of the sample printed at the end ("" = no sample)
+    sample_prompt: str = "The"  # prompt of the sample printed at the end ("" = no sample)
     sample_tokens: int = 60  # tokens to sample
     sample_temperature: float = 0.7
     sample_top_k: int = 20

@@ -103,13 +103,17 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return LinearMoEForCausalLM(cfg.model)
 
 
-def describe(cfg: RunConfig, model: torch.nn.Module, n_tokens: int) -> str:
+def describe(cfg: RunConfig, n_tokens: int) -> str:
+    """One line: the model's shape and size, the data, the run directory."""
     from ..model import count_params
 
-    total, active = count_params(cfg.model), count_params(cfg.model, active=True)
+    m = cfg.model
+    total, active = count_params(m), count_params(m, active=True)
+    moe = f", MoE {m.moe.family} {m.moe.num_experts} experts top-{m.moe.top_k}" if m.moe is not None else ""
     return (
-        f"model: {cfg.preset or 'custom'}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active); "
-        f"data: {n_tokens:,} tokens; run dir: {cfg.train.run_dir}"
+        f"model: {cfg.preset + ', ' if cfg.preset else ''}{m.mixer} pattern {m.layer_pattern or 'L'}, "
+        f"{m.num_layers} layers, hidden {m.hidden_size}{moe}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
+        f"active); data: {n_tokens:,} tokens; run dir: {cfg.train.run_dir}"
     )
 
 
@@ -176,7 +180,7 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
     cfg = _with_vocab(cfg, ds.vocab_size)
     config_yaml = _prepare_run_dir(cfg, resume_from)
     model = build_model(cfg)
-    note(describe(cfg, model, ds.num_tokens))
+    note(describe(cfg, ds.num_tokens))
     trainer = Trainer(
         cfg,
         model,
@@ -199,6 +203,16 @@ def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
     new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     new.preset = cfg.preset
     return new
+
+
+def _check_batches(ds: Any, what: str) -> None:
+    """Fail before training when `ds` cannot fill one micro-batch."""
+    from ..data import DataError
+
+    try:
+        ds.get_batch(0)
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
 
 
 def load_finetune_config(config: str | None, from_checkpoint: str, overrides: list[str]) -> RunConfig:
@@ -239,6 +253,9 @@ def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str
         response_key=ft.response_key,
         val_fraction=ft.val_fraction,
     )
+    _check_batches(ds, "finetune.data")
+    if ds.val is not None:
+        _check_batches(ds.val, "the validation split (finetune.val_fraction)")
     config_yaml = _prepare_run_dir(cfg, resume_from)
     model = build_model(cfg)
     trainer = Trainer(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -97,7 +98,7 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
 class StepResult:
     loss: float  # LM loss (token-weighted over the micro-batches)
     aux_loss: float  # MoE aux loss (mean over micro-batches)
-    grad_norm: float
+    grad_norm: float | torch.Tensor
     tokens: int  # input tokens processed
     expert_load_LE: torch.Tensor | None  # summed over micro-batches
 
@@ -185,28 +186,34 @@ class Trainer:
         # token-mean loss of the whole step, also when SFT masks make micro-batches uneven
         counts = [int((b.labels != -100).sum()) for b in batches]
         total = max(1, sum(counts))
-        lm_sum, aux_sum, tokens, load_LE = 0.0, 0.0, 0, None
+        lm_sum = torch.zeros((), device=self.device)  # accumulated on the device: one sync per step
+        aux_sum = torch.zeros((), device=self.device)
+        tokens, load_LE = 0, None
         for batch, count in zip(batches, counts, strict=True):
             input_ids, labels, cu_seqlens = self._to_device(batch)
             with self._autocast():
                 out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
-            (out.loss * (count / total) + aux / self.tc.grad_accum).backward()
-            lm_sum += float(out.loss.detach()) * count
-            aux_sum += float(aux.detach())
+            lm = out.loss * (count / total) if count else torch.zeros((), device=self.device)  # no targets: no NaN
+            objective = lm + aux / self.tc.grad_accum
+            if objective.requires_grad:
+                objective.backward()
+            if count:
+                lm_sum += out.loss.detach().float() * count
+            aux_sum += aux.detach().float()
             tokens += input_ids.numel()
             if out.expert_load is not None:
                 load = out.expert_load.detach().float()
                 load_LE = load if load_LE is None else load_LE + load
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if load_LE is not None:
             with torch.no_grad():
                 for layer, load_E in zip(moe_layers(self.model), load_LE, strict=True):
                     layer.update_bias(load_E)
-        return StepResult(lm_sum / total, aux_sum / self.tc.grad_accum, grad_norm, tokens, load_LE)
+        return StepResult(float(lm_sum) / total, float(aux_sum) / self.tc.grad_accum, grad_norm, tokens, load_LE)
 
     def lr(self, step: int) -> float:
         tc = self.tc
@@ -245,7 +252,7 @@ class Trainer:
             "loss": res.loss,
             "aux_loss": res.aux_loss,
             "lr": lr,
-            "grad_norm": res.grad_norm,
+            "grad_norm": float(res.grad_norm),
             "tokens": self.tokens_seen,
             "tokens_per_s": tok_per_s,
             "mfu": mfu(tok_per_s, self.flops_per_token, self.peak) if self.flops_per_token else None,
@@ -273,12 +280,17 @@ class Trainer:
             tensorboard=tc.tensorboard,
             wandb_project=tc.wandb,
             progress=tc.progress,
+            config=yaml.safe_load(self.config_yaml) if self.config_yaml else None,
         )
         self.model.train()
         last_ckpt, val_loss = None, None
         t_start = t_window = time.perf_counter()
         tokens_window = 0
         try:
+            if self.step == 0 and tc.eval_every:  # the starting point of the validation curve
+                val_loss = self.evaluate()
+                if val_loss is not None:
+                    self._log(logger, {"split": "val", "loss": val_loss})
             end = tc.steps if stop_at is None else min(stop_at, tc.steps)
             while self.step < end:
                 lr = self.lr(self.step)
