@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,15 @@ def test_corrupt_checkpoints(trained_run, tmp_path):
     res = cli("train", f"train.resume={tmp_path / 'nowhere'}", f"train.run_dir={tmp_path / 'r'}")
     assert_usage_error(res, "not a directory")
     assert not (tmp_path / "sft").exists() and not (tmp_path / "r").exists()
+    good = run_dir / "checkpoints" / "step-0000004"
+    common = [run_dir / "config.yaml", f"train.run_dir={tmp_path / 'r2'}", "train.resume=" + str(good)]
+    assert_usage_error(cli("train", *common, "model.hidden_size=48"), f"checkpoint {good} was written with a different")
+    shards = tmp_path / "shards"  # a checkpoint whose tensor data is gone
+    shutil.copytree(good, shards)
+    for f in shards.glob("*.distcp"):
+        f.unlink()
+    res = cli("train", *common[:2], f"train.resume={shards}", "train.steps=5")
+    assert_usage_error(res, f"checkpoint {shards}: cannot be loaded")
 
 
 def test_plot_needs_a_run_dir(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 from .train.logging import note
 
 EXIT_USAGE = 2
+ARGS_HELP = "[CONFIG.yaml] [section.key=value ...], e.g. train.steps=100 model.preset=debug-mixtral"
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -87,6 +88,12 @@ def _doc(fn) -> str:
     return inspect.getdoc(fn) or ""
 
 
+def _summary(fn) -> str:
+    """The first sentence of `fn`'s docstring (the subcommand list of --help)."""
+    text = " ".join(_doc(fn).split())
+    return text.split(". ")[0].rstrip(".") + "."
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other user-facing failure
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("prepare", help=_doc(prepare).splitlines()[0], description=_doc(prepare), formatter_class=fmt)
+    p = sub.add_parser("prepare", help=_summary(prepare), description=_doc(prepare), formatter_class=fmt)
     p.add_argument("inputs", nargs="+", help="files, directories, or builtin:python-docs")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--tokenizer", default=None, help="an existing tokenizer.json (default: train a BPE)")
@@ -122,16 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
-    p = sub.add_parser("train", help=_doc(train).splitlines()[0], description=_doc(train), formatter_class=fmt)
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p = sub.add_parser("train", help=_summary(train), description=_doc(train), formatter_class=fmt)
+    p.add_argument("args", nargs="*", metavar="ARGS", help=ARGS_HELP)
     p.set_defaults(run=lambda a: train(*_split_config(a.args)))
 
-    p = sub.add_parser("finetune", help=_doc(finetune).splitlines()[0], description=_doc(finetune), formatter_class=fmt)
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
-    p.add_argument("--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT_DIR", help="checkpoint")
+    p = sub.add_parser("finetune", help=_summary(finetune), description=_doc(finetune), formatter_class=fmt)
+    p.add_argument("args", nargs="*", metavar="ARGS", help=ARGS_HELP)
+    p.add_argument(
+        "--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT_DIR", help="checkpoint to start from"
+    )
     p.set_defaults(run=lambda a: _finetune_args(a.args, a.from_checkpoint))
 
-    p = sub.add_parser("plot", help=_doc(plot).splitlines()[0], description=_doc(plot), formatter_class=fmt)
+    p = sub.add_parser("plot", help=_summary(plot), description=_doc(plot), formatter_class=fmt)
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.set_defaults(run=lambda a: plot(a.run_dir))
     return parser
