@@ -64,3 +64,9 @@ def check_varlen(name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None) ->
         raise ValueError(
             f"{name}: cu_seqlens must be 1-D offsets from 0 to T={x.shape[1]}, got {cu_seqlens.tolist()}"
         )
+
+
+def like(ref: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast tensors to `ref`'s dtype: fla's kernels need q/k/v (and beta) in one dtype, which autocast
+    breaks (an l2 norm under autocast returns float32 next to bf16 projections)."""
+    return tuple(None if t is None else t.to(ref.dtype) for t in tensors)

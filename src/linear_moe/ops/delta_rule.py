@@ -12,7 +12,7 @@ import torch
 
 from linear_moe.ops import _chunk_common as cc
 from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops._dispatch import fla_op, like, use_fla
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 64
@@ -74,7 +74,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float
     """fla's `chunk_delta_rule` on CUDA for bf16/fp16 inputs, else `chunk_delta_rule_torch` (fla's kernel
     rejects float32, so float32 CUDA inputs take the PyTorch path)."""
     cc.reject_head_first("chunk_delta_rule", kwargs)
-    if use_fla(q) and q.dtype != torch.float32:
+    if use_fla(q) and v.dtype != torch.float32:
+        q, k, beta = like(v, q, k, beta)
         _check("chunk_delta_rule", q, k, v, beta, initial_state, cu_seqlens)
         return fla_op("delta_rule", "chunk_delta_rule")(
             q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -91,6 +92,7 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | N
     """fla's `fused_recurrent_delta_rule` on CUDA (extra kwargs dropped: it takes none), else the torch loop."""
     cc.reject_head_first("fused_recurrent_delta_rule", kwargs)
     if use_fla(q):
+        q, k, beta = like(v, q, k, beta)
         _check("fused_recurrent_delta_rule", q, k, v, torch.ones_like(q[..., 0]) if beta is None else beta,
                initial_state, cu_seqlens)
         return fla_op("delta_rule", "fused_recurrent_delta_rule")(

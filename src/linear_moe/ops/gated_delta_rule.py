@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from linear_moe.ops import _chunk_common as cc
 from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import check_layout, check_varlen, fla_op, use_fla
+from linear_moe.ops._dispatch import check_layout, check_varlen, fla_op, like, use_fla
 from linear_moe.ops.delta_rule import check_beta, delta_to_dplr
 
 Tensor = torch.Tensor
@@ -128,6 +128,7 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     cc.reject_head_first("chunk_gated_delta_rule", kwargs)
     if use_fla(q):
         _check_fla("chunk_gated_delta_rule", q, k, v, cu_seqlens)
+        q, k, beta = like(v, q, k, beta)
         return fla_op("gated_delta_rule", "chunk_gated_delta_rule")(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
@@ -150,6 +151,7 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
     cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
     if use_fla(q):
         _check_fla("fused_recurrent_gated_delta_rule", q, k, v, cu_seqlens)
+        q, k, beta = like(v, q, k, beta)
         return fla_op("gated_delta_rule", "fused_recurrent_gated_delta_rule")(
             q, k, v, g=g, gk=gk, gv=gv, beta=beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

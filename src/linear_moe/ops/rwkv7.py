@@ -18,7 +18,7 @@ import torch
 
 from linear_moe.ops import _chunk_common as cc
 from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops._dispatch import fla_op, like, use_fla
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
@@ -61,6 +61,7 @@ def chunk_rwkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     """fla's `chunk_rwkv7` on CUDA (only its own tuning kwargs are forwarded: it takes no **kwargs),
     else `chunk_rwkv7_torch`."""
     if use_fla(r):
+        r, k, a, b = like(v, r, k, a, b)
         _check("chunk_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
         return fla_op("rwkv7", "chunk_rwkv7")(
             r, w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -76,6 +77,7 @@ def fused_recurrent_rwkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor,
                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_rwkv7` on CUDA (extra kwargs dropped: it takes none), else the torch loop."""
     if use_fla(r):
+        r, k, a, b = like(v, r, k, a, b)
         _check("fused_recurrent_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
         return fla_op("rwkv7", "fused_recurrent_rwkv7")(
             r, w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
