@@ -102,6 +102,19 @@ def _to_chunks(x: Tensor, n: int, c: int) -> Tensor:
     return x.reshape(b, n, c, h, *x.shape[3:]).movedim(3, 1)
 
 
+def chunker(T: int, C: int, dt: torch.dtype) -> tuple[int, Callable[[Tensor], Tensor]]:
+    """Number of chunks N for T tokens and a function `[B, T, H, *D]` -> `[B, H, N, C, *D]` that casts to `dt`
+    and zero-pads the end of the sequence (neutral: gates are log-space)."""
+    N = max(1, -(-T // C))
+    pad = N * C - T
+
+    def prep(x: Tensor) -> Tensor:
+        x = x.to(dt)
+        return _to_chunks(torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, N, C)
+
+    return N, prep
+
+
 def chunk_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g: Tensor | None, scale: float,
                 initial_state: Tensor | None, chunk_size: int, bonus_HK: Tensor | None = None,
                 rwkv: bool = False) -> tuple[Tensor, Tensor]:
@@ -115,15 +128,10 @@ def chunk_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g: Tensor | None
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
     C = chunk_size
-    N = max(1, -(-T // C))
-    pad = N * C - T
+    N, prep = chunker(T, C, dt)
     if g is None:
         g = q_BTHK.new_zeros(B, T, H, dtype=dt)
     scalar = g.dim() == 3
-
-    def prep(x: Tensor) -> Tensor:
-        x = x.to(dt)
-        return _to_chunks(torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, N, C)
 
     q, k, v = prep(q_BTHK) * scale, prep(k_BTHK), prep(v_BTHV)  # [B, H, N, C, K|V]
     g = prep(g if not scalar else g[..., None])  # [B, H, N, C, K] or [B, H, N, C, 1]

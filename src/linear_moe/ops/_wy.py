@@ -34,10 +34,6 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def _to_chunks(x: Tensor, n: int, c: int) -> Tensor:
-    """`[B, N*C, H, *D]` -> `[B, H, N, C, *D]`."""
-    b, _, h = x.shape[:3]
-    return x.reshape(b, n, c, h, *x.shape[3:]).movedim(3, 1)
 
 
 def _decayed_products(x: Tensor, y: Tensor, rel: Tensor, scalar: bool) -> Tensor:
@@ -59,15 +55,10 @@ def chunk_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
     C = chunk_size
-    N = max(1, -(-T // C))
-    pad = N * C - T
+    N, prep = cc.chunker(T, C, dt)
     if g is None:
         g = q_BTHK.new_zeros(B, T, H, dtype=dt)
     scalar = g.dim() == 3
-
-    def prep(x: Tensor) -> Tensor:
-        x = x.to(dt)
-        return _to_chunks(torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, N, C)
 
     q, k, v, a, b = prep(q_BTHK) * scale, prep(k_BTHK), prep(v_BTHV), prep(a_BTHK), prep(b_BTHK)
     g = prep(g if not scalar else g[..., None])  # [B, H, N, C, K] or [B, H, N, C, 1]
