@@ -67,10 +67,20 @@ def fused_recurrent_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
                           initial_state: Tensor | None = None, output_final_state: bool = False,
                           reverse: bool = False, cu_seqlens: Tensor | None = None,
                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop."""
+    """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop.
+
+    On the H200 (fla 0.6.0, Triton 3.7.1) the backward of fla's fused recurrent kernel disagrees with the
+    recurrence by ~5% in dk/dv/dw (its forward and fla's chunk kernel agree to bf16 precision), so a call that
+    needs gradients runs fla's `chunk_rwkv6`, which computes the same function."""
     cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
     if use_fla(r):
         _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (r, k, v, w, u, initial_state))
+        if needs_grad and not reverse:
+            return fla_op("rwkv6", "chunk_rwkv6")(
+                r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens)
         return fla_op("rwkv6", "fused_recurrent_rwkv6")(
             r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             reverse=reverse, cu_seqlens=cu_seqlens)
