@@ -98,20 +98,30 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--no-fused-ce", action="store_true", help="plain cross-entropy (materialises logits)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (as train.activation_checkpointing)")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (e.g. 32000)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU (--device cpu only smoke-tests the script)")
     cfg = get_preset(args.preset).replace(mixer=args.mixer, layer_pattern=args.layer_pattern,
                                           fuse_linear_cross_entropy=not args.no_fused_ce)
+    if args.vocab is not None:
+        cfg = cfg.replace(vocab_size=args.vocab)
     torch.manual_seed(0)
     model = LinearMoEForCausalLM(cfg).to(args.device)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
+    if args.activation_checkpointing:
+        from linear_moe.train.trainer import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     if args.compile:
         for block in model.layers:
             block.compile()
     print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
-          f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile}")
+          f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
+          f"ac={args.activation_checkpointing} vocab={cfg.vocab_size}")
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
         r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast")
