@@ -318,3 +318,9 @@ def test_bad_options_are_value_errors():
     with pytest.raises(ValueError, match=r"state\['k'\] has shape"):
         build_mixer("attention", D, H)(torch.randn(2, 3, D), state={"k": torch.zeros(1, H, 4, 16),
                                                                      "v": torch.zeros(1, H, 4, 16)})
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_unknown_option_is_a_value_error_listing_valid_ones(name):
+    with pytest.raises(ValueError, match=rf"mixer '{name}': unknown option\(s\) no_such_option; valid options: "):
+        build_mixer(name, D, H, no_such_option=1)

@@ -8,6 +8,7 @@ A new mixer is one file plus one line below.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterator, Mapping
 
 from linear_moe.mixers.base import Mixer, MixerState
@@ -59,7 +60,14 @@ def build_mixer(name: str, hidden_size: int, num_heads: int, layer_idx: int = 0,
             f"mixer {name!r}: num_heads={num_heads} must divide hidden_size={hidden_size} "
             f"(e.g. num_heads in {[h for h in (1, 2, 4, 8, 16, 32) if hidden_size % h == 0]})"
         )
-    return MIXERS[name](hidden_size=hidden_size, num_heads=num_heads, layer_idx=layer_idx, **kwargs)
+    cls = MIXERS[name]
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = [n for n in params if n not in ("self", "hidden_size", "num_heads", "layer_idx")]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            raise ValueError(f"mixer {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(options)}")
+    return cls(hidden_size=hidden_size, num_heads=num_heads, layer_idx=layer_idx, **kwargs)
 
 
 __all__ = ["MIXERS", "Mixer", "MixerState", "build_mixer"]
