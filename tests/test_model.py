@@ -312,3 +312,14 @@ def test_presets_match_published_sizes():
         assert dense.moe is None and dense.ffn_hidden_size == cfg.moe.top_k * cfg.moe.expert_ffn_hidden_size
         router = cfg.num_layers * cfg.moe.num_experts * cfg.hidden_size
         assert count_params(dense) == count_params(cfg, active=True) - router  # same active width
+
+
+def test_bad_cu_seqlens_is_one_value_error():
+    cfg = tiny("dense", "gla")
+    model = build(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    for cu in (torch.tensor([0, 4, 9]), torch.tensor([1, 10]), torch.tensor([[0, 10]])):
+        with pytest.raises(ValueError, match="cu_seqlens must be 1-D offsets from 0 to T=10"):
+            model(ids, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model(ids.expand(2, 10), cu_seqlens=torch.tensor([0, 10]))

@@ -116,6 +116,11 @@ class LinearMoEForCausalLM(nn.Module):
         """input_ids, labels [B, T] (labels already aligned, -100 ignored); states: one per layer or None."""
         if states is not None and len(states) != len(self.layers):
             raise ValueError(f"states: expected one state per layer ({len(self.layers)}), got {len(states)}")
+        if cu_seqlens is not None:  # checked once here (one host sync); the ops skip it for CUDA offsets
+            bounds = cu_seqlens[[0, -1]].tolist() if cu_seqlens.dim() == 1 and len(cu_seqlens) else None
+            if input_ids.shape[0] != 1 or bounds != [0, input_ids.shape[1]]:
+                raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to T={input_ids.shape[1]} with batch size 1, "
+                                 f"got shape {tuple(cu_seqlens.shape)} for input_ids {tuple(input_ids.shape)}")
         keep_states = use_cache or states is not None
         x_BTD = self.embed_tokens(input_ids)
         new_states, auxes = [], []
