@@ -54,7 +54,13 @@ def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: in
     return Dispatch(slot_N // k, slot_N, counts_E)
 
 
-def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D] via index_add."""
-    w_N1 = weights_TK.reshape(-1)[d.slot_N].unsqueeze(-1).to(y_ND.dtype)
-    return y_ND.new_zeros(num_tokens, y_ND.shape[-1]).index_add_(0, d.token_N, y_ND * w_N1)
+def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
+
+    The rows go back to their (token, slot) places with a scatter that has no duplicate indices (no atomics, so the
+    result is deterministic on GPU), dropped slots stay zero, and one batched [1, k] x [k, D] product per token
+    applies the router weights and sums over the k experts.
+    """
+    T, k = weights_TK.shape
+    y_TkD = y_ND.new_zeros(T * k, y_ND.shape[-1]).index_copy_(0, d.slot_N, y_ND).view(T, k, -1)
+    return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)

@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         r = self.router(x_ND, self.expert_bias)
         d = dispatch(r.experts_TK, r.weights_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-        y_ND = combine(self.experts(x_ND[d.token_N], d.counts_E), d, r.weights_TK, x_ND.shape[0])
+        y_ND = combine(self.experts(x_ND[d.token_N], d.counts_E), d, r.weights_TK)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_expert_gate is not None:
