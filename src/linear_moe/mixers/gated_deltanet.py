@@ -88,8 +88,9 @@ class GatedDeltaNet(Mixer):
             (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q_BTHK = F.normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)), dim=-1, eps=1e-6)
-        k_BTHK = F.normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)), dim=-1, eps=1e-6)
+        # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)
+        q_BTHK = q.unflatten(-1, (self.num_heads, self.head_k_dim))
+        k_BTHK = k.unflatten(-1, (self.num_heads, self.head_k_dim))
         v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
         beta_BTH = self.b_proj(x).sigmoid()
         if self.allow_neg_eigval:
@@ -100,7 +101,7 @@ class GatedDeltaNet(Mixer):
         fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, T))
         o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, g=g_BTH, beta=beta_BTH,
                             initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens)
+                            output_final_state=keep, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
         if self.use_gate:
             o_BTHV = self.o_norm(o_BTHV, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
         else:
