@@ -97,9 +97,7 @@ class DeltaNet(Mixer):
         q_BTHK = qk_activation(q.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
         k_BTHK = qk_activation(k.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
         v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
-        if self.qk_norm == "l2":
-            q_BTHK, k_BTHK = F.normalize(q_BTHK, dim=-1, eps=1e-6), F.normalize(k_BTHK, dim=-1, eps=1e-6)
-        else:
+        if self.qk_norm == "sum":  # "l2" runs inside the op (in fla's kernel on GPU)
             q_BTHK, k_BTHK = F.normalize(q_BTHK, p=1, dim=-1, eps=1e-6), F.normalize(k_BTHK, p=1, dim=-1, eps=1e-6)
         beta_BTH = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(B, T, self.num_heads)
         if self.allow_neg_eigval:
@@ -109,7 +107,8 @@ class DeltaNet(Mixer):
         fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, T))
         o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, beta=beta_BTH,
                             initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens)
+                            output_final_state=keep, cu_seqlens=cu_seqlens,
+                            use_qk_l2norm_in_kernel=self.qk_norm == "l2")
         if self.use_gate:
             o_BTHV = self.o_norm(o_BTHV, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
         else:
