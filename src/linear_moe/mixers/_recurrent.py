@@ -79,3 +79,12 @@ def chunked_flops(seq_len: int, k: int, v: int, chunk_size: int = 64, extra_ck: 
     Each multiply-add counts 2 FLOPs; causal halves are not discounted (the kernels compute full blocks)."""
     c = min(chunk_size, max(seq_len, 1))
     return 2.0 * ((1 + extra_ck) * c * k + (1 + extra_cv) * c * v + (2 + extra_kv) * k * v)
+
+
+def gated_output(mixer: nn.Module, o_BTHV: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`o_proj(o_norm(o, g_proj(x)))` with an output gate (`mixer.use_gate`), `o_proj(o_norm(o))` without."""
+    if mixer.use_gate:
+        o_BTHV = mixer.o_norm(o_BTHV, mixer.g_proj(x).unflatten(-1, o_BTHV.shape[-2:]))
+    else:
+        o_BTHV = mixer.o_norm(o_BTHV)
+    return mixer.o_proj(o_BTHV.flatten(-2))

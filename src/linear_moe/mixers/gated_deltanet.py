@@ -102,12 +102,7 @@ class GatedDeltaNet(Mixer):
         o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, g=g_BTH, beta=beta_BTH,
                             initial_state=None if state is None else state["recurrent"],
                             output_final_state=keep, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
-        if self.use_gate:
-            o_BTHV = self.o_norm(o_BTHV, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim)))
-        else:
-            o_BTHV = self.o_norm(o_BTHV)
-        y = self.o_proj(o_BTHV.flatten(-2))
-        return y, ({"recurrent": s_BHKV, **new_state} if keep else None)
+        return rec.gated_output(self, o_BTHV, x), ({"recurrent": s_BHKV, **new_state} if keep else None)
 
     def sequence_flops(self, seq_len: int) -> float:
         # Same WY chunk form as DeltaNet; the scalar decay adds only O(C) per token.
