@@ -117,6 +117,13 @@ def describe(cfg: RunConfig, n_tokens: int) -> str:
     )
 
 
+def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path: Path) -> Trainer:
+    """Prepare the run directory, build the model and its Trainer (shared by pretraining and finetuning)."""
+    config_yaml = _prepare_run_dir(cfg, resume_from)
+    return Trainer(cfg, build_model(cfg), ds, ds.val, config_yaml=config_yaml, flops_per_token=_flops(cfg),
+                   extra_files={TOKENIZER_FILE: tokenizer_path})
+
+
 def _flops(cfg: RunConfig) -> float | None:
     from ..model import flops_per_token
 
@@ -178,18 +185,8 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
     data_dir = ensure_dataset(cfg)
     ds = PackedDataset(data_dir, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.seed)
     cfg = _with_vocab(cfg, ds.vocab_size)
-    config_yaml = _prepare_run_dir(cfg, resume_from)
-    model = build_model(cfg)
+    trainer = _build_trainer(cfg, ds, resume_from, data_dir / TOKENIZER_FILE)
     note(describe(cfg, ds.num_tokens))
-    trainer = Trainer(
-        cfg,
-        model,
-        ds,
-        ds.val,
-        config_yaml=config_yaml,
-        flops_per_token=_flops(cfg),
-        extra_files={TOKENIZER_FILE: data_dir / TOKENIZER_FILE},
-    )
     if resume_from is not None:
         trainer.resume(resume_from)
         note(f"resumed from {resume_from} at step {trainer.step}")
@@ -256,17 +253,7 @@ def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str
     _check_batches(ds, "finetune.data")
     if ds.val is not None:
         _check_batches(ds.val, "the validation split (finetune.val_fraction)")
-    config_yaml = _prepare_run_dir(cfg, resume_from)
-    model = build_model(cfg)
-    trainer = Trainer(
-        cfg,
-        model,
-        ds,
-        ds.val,
-        config_yaml=config_yaml,
-        flops_per_token=_flops(cfg),
-        extra_files={TOKENIZER_FILE: tokenizer_path},
-    )
+    trainer = _build_trainer(cfg, ds, resume_from, tokenizer_path)
     if resume_from is not None:
         trainer.resume(resume_from)
         note(f"resumed from {resume_from} at step {trainer.step}")
