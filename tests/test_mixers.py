@@ -6,6 +6,7 @@ written here. (Recurrent mixers' own hand checks: tests/test_mixers_recurrent.py
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -126,7 +127,11 @@ def test_step_by_step_decoding_equals_full_forward(name, opts):
 def test_backward_gives_finite_gradients_to_every_parameter(name, opts):
     m = build(name, **opts).train()
     x = torch.randn(2, 21, D, dtype=torch.float64, requires_grad=True)
-    y, _ = m(x)
+    kwargs = {}
+    if "shared" in inspect.signature(m.forward).parameters:  # cross-layer inputs come from a layer-0 twin
+        kwargs["shared"] = {}
+        build(name, layer_idx=0, **opts)(x, shared=kwargs["shared"])
+    y, _ = m(x, **kwargs)
     (y * torch.randn_like(y)).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for pname, p in m.named_parameters():

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from linear_moe.config import load_yaml, save_yaml
-from linear_moe.mixers import MIXERS, build_mixer
+from linear_moe.mixers import MIXERS
 from linear_moe.model import PRESETS, LinearMoEForCausalLM, ModelConfig, count_params, flops_per_token, get_preset
 from linear_moe.model.flops import forward_flops_per_token, matmul_params
 
@@ -19,26 +17,8 @@ FAMILIES = ["dense", "mixtral", "qwen2-moe", "deepseek-v2", "deepseek-v3"]
 
 
 def tiny(family: str = "dense", mixer: str = "attention", **overrides) -> ModelConfig:
-    """The family's debug preset with `mixer`; skips when the mixer's ops have not landed yet."""
-    _require(mixer)
+    """The family's debug preset with `mixer`."""
     return get_preset(f"debug-{family}").replace(mixer=mixer, **overrides)
-
-
-@functools.cache
-def _missing(mixer: str) -> str | None:
-    try:
-        build_mixer(mixer, 16, 2)(torch.zeros(1, 2, 16))
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("linear_moe."):
-            return str(e)
-        raise
-    return None
-
-
-def _require(mixer: str) -> None:
-    """Skip (with the reason) while the mixer's ops module has not landed in the tree yet."""
-    if _missing(mixer):
-        pytest.skip(f"mixer {mixer} not available yet: {_missing(mixer)}")
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> LinearMoEForCausalLM:
@@ -323,3 +303,21 @@ def test_bad_cu_seqlens_is_one_value_error():
             model(ids, cu_seqlens=cu)
     with pytest.raises(ValueError, match="batch size 1"):
         model(ids.expand(2, 10), cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_rwkv7_value_residual_prefill_and_decode_equal_full_forward():
+    """Two RWKV-7 layers: layer 1 mixes in layer 0's v (value residual) in every mode."""
+    cfg = tiny("dense", "rwkv7", layer_pattern="LL")
+    model = build(cfg).eval()
+    assert model.layers[1].mixer.v_lora is not None
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :7], use_cache=True)
+        steps = [out.logits]
+        states = out.states
+        for t in range(7, 12):
+            out = model(ids[:, t:t + 1], states=states)
+            steps.append(out.logits)
+            states = out.states
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,11 @@
   every document starts from its own state (zero, or `state[...][n]`) and nothing leaks across.
 - `use_cache` (or a given `state`): return the state after the last token, else return None.
 
+Two optional keyword arguments exist for mixers that need something from the model: `lower_bound` (HGRN's
+per-layer forget-gate floor, a learned model parameter) and `shared` (a dict the model creates once per forward
+and hands to every mixer that takes it, for values passed between layers: RWKV-7's first-layer value `v_first`).
+The model finds them by the mixer's `forward` signature.
+
 Layers hold no parallelism code and no hidden state of their own: everything that carries over
 between calls goes through `state`, so chunked prefill, decoding and context parallelism can
 manage it from the outside.

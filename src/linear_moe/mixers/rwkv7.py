@@ -28,9 +28,10 @@ class RWKV7Attention(Mixer):
 
     "RWKV-7 "Goose" with Expressive Dynamic State Evolution", arXiv:2503.14456. Follows fla's
     `RWKV7Attention` (names x_r/x_w/x_k/x_v/x_a/x_g, k_k, k_a, r_k, r/k/v/o_proj, w/a/g_lora, g_norm) and its
-    layer-dependent init. Value residual (v mixed with the first layer's v through `v_lora`) is NOT
-    implemented: it needs a per-token tensor from another layer, which this interface does not carry;
-    every layer uses its own v.
+    layer-dependent init. Value residual: layer 0 publishes its v in the per-forward `shared` dict that the
+    model passes to every mixer taking `shared`; later layers use lerp(v, v_first, sigmoid(v_lora(xv))). Without
+    `shared` (a mixer used alone) or without a published v_first (no RWKV-7 layer 0 in a hybrid stack) a layer
+    uses its own v. `value_residual=False` turns it off.
 
     Options (fla defaults): value_dim (None -> hidden_size); decay_low_rank_dim, a_low_rank_dim,
     gate_low_rank_dim (None -> fla's sqrt(hidden)-based ranks); elementwise_affine (True): affine GroupNorm;
@@ -42,7 +43,8 @@ class RWKV7Attention(Mixer):
     def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, value_dim: int | None = None,
                  decay_low_rank_dim: int | None = None, a_low_rank_dim: int | None = None,
                  gate_low_rank_dim: int | None = None, elementwise_affine: bool = True, norm_eps: float = 1e-5,
-                 num_hidden_layers: int | None = None):
+                 num_hidden_layers: int | None = None, value_residual: bool = True,
+                 v_low_rank_dim: int | None = None):
         super().__init__()
         value_dim = hidden_size if value_dim is None else value_dim
         if hidden_size % num_heads or value_dim % num_heads or hidden_size // num_heads < 2:
@@ -69,6 +71,8 @@ class RWKV7Attention(Mixer):
         self.w_lora = LoRA(hidden_size, self.key_dim, decay_low_rank_dim, activation="tanh")
         self.a_lora = LoRA(hidden_size, self.key_dim, a_low_rank_dim, activation=None)
         self.g_lora = LoRA(hidden_size, self.value_dim, gate_low_rank_dim, activation="sigmoid", bias=False)
+        self.v_lora = (LoRA(hidden_size, self.value_dim, v_low_rank_dim or _lora_rank(1.7, hidden_size, factor),
+                            activation=None) if value_residual and layer_idx > 0 else None)
         self.g_norm = nn.GroupNorm(num_heads, self.value_dim, eps=self.head_dim * norm_eps, affine=elementwise_affine)
         self.reset_parameters()
 
@@ -91,6 +95,8 @@ class RWKV7Attention(Mixer):
         self.k_k.copy_(0.71 - linear * 0.1)
         self.w_lora.set_bias(www + 0.5 + zigzag * 2.5)
         self.a_lora.set_bias(-0.19 + zigzag * 0.3 + linear * 0.4)
+        if self.v_lora is not None:
+            self.v_lora.set_bias(0.73 - linear * 0.4)
         if self.g_norm.weight is not None:
             self.g_norm.weight.fill_(((i + 1) / L) ** 0.7)
         nn.init.orthogonal_(self.r_proj.weight)
@@ -99,7 +105,8 @@ class RWKV7Attention(Mixer):
         nn.init.zeros_(self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+                use_cache: bool = False, shared: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, ["recurrent", "shift"])
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
@@ -110,6 +117,10 @@ class RWKV7Attention(Mixer):
         w = LOG_DECAY_MIN * rec.acc(self.w_lora(xw)).sigmoid()  # log decay
         k = self.k_proj(xk)
         v = self.v_proj(xv)
+        if shared is not None and self.layer_idx == 0:
+            shared["v_first"] = v
+        elif shared is not None and self.v_lora is not None and "v_first" in shared:
+            v = torch.lerp(v, shared["v_first"].to(v.dtype), self.v_lora(xv).sigmoid())
         a = self.a_lora(xa).sigmoid()
         g = self.g_lora(xg)
         kk_BTHK = F.normalize((k * self.k_k).unflatten(-1, (H, K)), dim=-1)

@@ -35,9 +35,10 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.takes_lower_bound = uses_lower_bound(self.mixer)
+        self.takes_shared = "shared" in inspect.signature(self.mixer.forward).parameters
 
     def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False, **mixer_kwargs: torch.Tensor):
+                use_cache: bool = False, **mixer_kwargs):
         y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache,
                                       **mixer_kwargs)
         x_BTD = x_BTD + y_BTD
@@ -125,8 +126,11 @@ class LinearMoEForCausalLM(nn.Module):
         x_BTD = self.embed_tokens(input_ids)
         new_states, auxes = [], []
         bounds_LD = layer_lower_bounds(self.lower_bounds) if self.lower_bounds is not None else None
+        shared: dict[str, torch.Tensor] = {}  # per-forward values passed between layers (RWKV-7's v_first)
         for i, block in enumerate(self.layers):
             extra = {"lower_bound": bounds_LD[i]} if block.takes_lower_bound else {}
+            if block.takes_shared:
+                extra["shared"] = shared
             x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache, **extra)
             new_states.append(st)
             if aux is not None:
