@@ -5,6 +5,8 @@ and prefill + step-by-step decoding (fla's fused_recurrent kernels reading state
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -22,9 +24,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, layer_idx: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
-    m = build_mixer(name, D, H, layer_idx=1)
+    m = build_mixer(name, D, H, layer_idx=layer_idx)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -42,13 +44,18 @@ def both_paths(monkeypatch, fn):
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_backward_fla_matches_torch(name, monkeypatch):
     m = build(name).train()
+    first = build(name, layer_idx=0).train()
     x = torch.randn(2, 200, D, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn_like(x)
 
     def run():
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        y, _ = m(xi)
+        kwargs = {}
+        if "shared" in inspect.signature(m.forward).parameters:  # cross-layer inputs from a layer-0 twin
+            kwargs["shared"] = {}
+            first(xi, shared=kwargs["shared"])
+        y, _ = m(xi, **kwargs)
         y.backward(gy)
         grads = {n: p.grad.float().clone() for n, p in m.named_parameters()}
         return y.detach(), xi.grad, grads
