@@ -45,9 +45,9 @@ def parse_shape(spec: str) -> tuple[int, int, bool]:
 
 
 def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int, peak: float,
-                autocast: bool = True) -> BenchResult:
+                autocast: bool = True, profile_rows: int = 0) -> BenchResult:
     """Time `steps` forward+backward steps of shape `spec` on the model's device (CUDA events on GPU; wall clock
-    on CPU, which only smoke-tests the script)."""
+    on CPU, which only smoke-tests the script); `profile_rows` > 0 then prints a torch.profiler table."""
     b, t, packed = parse_shape(spec)
     cfg, dev = model.cfg, model.lm_head.weight.device
     ids = torch.randint(0, cfg.vocab_size, (b, t), device=dev)
@@ -81,7 +81,24 @@ def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int,
     seconds = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
     tok_s = b * t * steps / seconds
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if profile_rows:
+        print_profile(step, profile_rows)
     return BenchResult(spec, tok_s, tok_s * flops_per_token(cfg, t) / peak, mem)
+
+
+def print_profile(step, rows: int, steps: int = 2) -> None:
+    """Run `steps` more steps under torch.profiler and print the `rows` ops with the most self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"profile of {steps} steps, top {rows} by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90))
 
 
 def main(argv: list[str] | None = None) -> list[BenchResult]:
@@ -101,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (as train.activation_checkpointing)")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (e.g. 32000)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile two steps and print the ROWS ops with the most device time")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU (--device cpu only smoke-tests the script)")
@@ -124,7 +143,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
           f"ac={args.activation_checkpointing} vocab={cfg.vocab_size}")
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
-        r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast")
+        r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast",
+                        profile_rows=args.profile)
         print(f"  {r.shape:>16}: {r.tokens_per_s / 1e3:8.1f}k tokens/s  MFU {100 * r.mfu:5.1f}%  "
               f"max mem {r.max_mem_gib:6.1f} GiB", flush=True)
         results.append(r)
