@@ -80,14 +80,16 @@ class LinearMixer(Mixer):
     def conv_keys(self) -> list[str]:
         return rec.conv_state_keys("qkv") if self.use_short_conv else []
 
-    def project_qkv(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MixerState]:
-        """x [B, T, D] -> q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] and the new conv states."""
+    def project_qkv(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None,
+                    keep: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MixerState]:
+        """x [B, T, D] -> q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] and the new conv states (when
+        `keep`)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_state: MixerState = {}
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), conv_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens)
+            (q, k, v), conv_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens,
+                                                        keep)
         return (q.unflatten(-1, (self.num_heads, self.head_k_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_k_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_v_dim)), conv_state)
 

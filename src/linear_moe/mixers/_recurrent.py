@@ -52,12 +52,16 @@ def op(family: str, recurrent: bool) -> Callable[..., tuple[torch.Tensor, torch.
 
 
 def run_short_convs(convs: dict[str, ShortConvolution], inputs: dict[str, torch.Tensor],
-                    state: MixerState | None, cu_seqlens: torch.Tensor | None) -> tuple[list[torch.Tensor], MixerState]:
-    """Run `convs[name](inputs[name])` with state key `conv_<name>`; return outputs (in order) and new states."""
+                    state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool = True
+                    ) -> tuple[list[torch.Tensor], MixerState]:
+    """Run `convs[name](inputs[name])` with state key `conv_<name>`; return outputs (in order) and the new states
+    (an empty dict unless `keep`: training skips computing them)."""
     outs, new_state = [], {}
     for name, x in inputs.items():
-        y, new_state[f"conv_{name}"] = convs[name](x, None if state is None else state[f"conv_{name}"], cu_seqlens)
+        y, s = convs[name](x, None if state is None else state[f"conv_{name}"], cu_seqlens, output_final_state=keep)
         outs.append(y)
+        if keep:
+            new_state[f"conv_{name}"] = s
     return outs, new_state
 
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.ops import varlen
+from linear_moe.ops.conv import causal_conv1d
+from linear_moe.ops.norm import rms_norm_gated
 
 
 class RMSNorm(nn.Module):
@@ -24,24 +26,26 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """`rmsnorm(o) * act(g)`: the output norm + gate used by GLA, RetNet, Mamba2, Gated DeltaNet, HGRN2."""
+    """`rmsnorm(o) * act(g)`: the output norm + gate used by GLA, RetNet, Mamba2, Gated DeltaNet, HGRN2
+    (`linear_moe.ops.norm.rms_norm_gated`: fla's fused kernel on CUDA)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, activation: str = "swish"):
         super().__init__(dim, eps)
         if activation not in ("swish", "sigmoid"):
             raise ValueError(f"GatedRMSNorm: activation must be 'swish' or 'sigmoid', got {activation!r}")
-        self.act = F.silu if activation == "swish" else torch.sigmoid
+        self.activation = activation
 
     def forward(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(o) * self.act(g.to(torch.promote_types(g.dtype, torch.float32))).to(o.dtype)
+        return rms_norm_gated(o, g, self.weight, self.eps, self.activation)
 
 
 class ShortConvolution(nn.Module):
     """Depthwise causal 1-D convolution over time (`kernel_size` taps) with an explicit state.
 
-    forward(x [B, T, D], state [B, D, W-1] | None, cu_seqlens) -> (y [B, T, D], new_state [B, D, W-1]).
-    The state holds the last W-1 inputs; with cu_seqlens each document starts from its own state row
-    (zeros if none) and the convolution never reads across a document boundary.
+    forward(x [B, T, D], state [B, D, W-1] | None, cu_seqlens, output_final_state) -> (y [B, T, D], new_state
+    [B, D, W-1] or None). The state holds the last W-1 inputs; with cu_seqlens each document starts from its own
+    state row (zeros if none) and the convolution never reads across a document boundary. Without a state the
+    convolution is `linear_moe.ops.conv.causal_conv1d` (fla's kernel on CUDA).
     """
 
     def __init__(self, dim: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False):
@@ -54,34 +58,49 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"ShortConvolution: activation must be None or 'silu', got {activation!r}")
         self.activation = activation
 
-    def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if state is None:
+            y = causal_conv1d(x, self.weight, self.bias, self.activation, cu_seqlens)
+            return y, (self._final_state(x, None, cu_seqlens) if output_final_state else None)
         if cu_seqlens is not None:
-            lens = varlen.seq_lens(cu_seqlens)
-            y, new_state = self._batched(varlen.pad(x, cu_seqlens), state, lens)
+            y, new_state = self._batched(varlen.pad(x, cu_seqlens), state, varlen.seq_lens(cu_seqlens))
             return varlen.unpad(y, cu_seqlens), new_state
         return self._batched(x, state, None)
+
+    def _inputs(self, x_BTD: torch.Tensor, state_BDW: torch.Tensor | None) -> torch.Tensor:
+        """[B, D, W-1+T]: the carried inputs (zeros without a state) followed by x."""
+        B, T, D = x_BTD.shape
+        if state_BDW is None:
+            state_BDW = x_BTD.new_zeros(B, D, self.kernel_size - 1)
+        return torch.cat([state_BDW.to(x_BTD.dtype), x_BTD.transpose(1, 2)], dim=-1)
+
+    def _final_state(self, x: torch.Tensor, state_BDW: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """The last W-1 inputs of each sequence (of each document with cu_seqlens), [B or N, D, W-1]."""
+        lens_B = None
+        if cu_seqlens is not None:
+            x, lens_B = varlen.pad(x, cu_seqlens), varlen.seq_lens(cu_seqlens)
+        return self._tail(self._inputs(x, state_BDW), lens_B)
+
+    def _tail(self, xs_BDT: torch.Tensor, lens_B: torch.Tensor | None) -> torch.Tensor:
+        B, D, _ = xs_BDT.shape
+        W = self.kernel_size
+        if lens_B is None:
+            return xs_BDT[..., xs_BDT.shape[-1] - (W - 1):].contiguous()
+        idx_BW = lens_B[:, None] + torch.arange(W - 1, device=xs_BDT.device)  # positions in xs
+        return xs_BDT.gather(-1, idx_BW[:, None, :].expand(B, D, W - 1)).contiguous()
 
     def _batched(
         self, x_BTD: torch.Tensor, state_BDW: torch.Tensor | None, lens_B: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, D = x_BTD.shape
-        W = self.kernel_size
-        if state_BDW is None:
-            state_BDW = x_BTD.new_zeros(B, D, W - 1)
-        xs_BDT = torch.cat([state_BDW.to(x_BTD.dtype), x_BTD.transpose(1, 2)], dim=-1)  # [B, D, W-1+T]
-        y_BDT = F.conv1d(xs_BDT, self.weight.unsqueeze(1).to(x_BTD.dtype), self.bias, groups=D)
+        xs_BDT = self._inputs(x_BTD, state_BDW)  # [B, D, W-1+T]
+        y_BDT = F.conv1d(xs_BDT, self.weight.unsqueeze(1).to(x_BTD.dtype),
+                         None if self.bias is None else self.bias.to(x_BTD.dtype), groups=x_BTD.shape[-1])
         y_BTD = y_BDT.transpose(1, 2)
         if self.activation == "silu":
             y_BTD = F.silu(y_BTD)
-        # New state: the last W-1 inputs of each sequence (of each document when padded).
-        if lens_B is None:
-            new_state = xs_BDT[..., T:]
-        else:
-            idx_BW = lens_B[:, None] + torch.arange(W - 1, device=x_BTD.device)  # positions in xs
-            new_state = xs_BDT.gather(-1, idx_BW[:, None, :].expand(B, D, W - 1))
-        return y_BTD, new_state.contiguous()
+        return y_BTD, self._tail(xs_BDT, lens_B)
 
     def step(self, x_BD: torch.Tensor, state_BDW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step: x [B, D], state [B, D, W-1] -> (y [B, D], new state)."""

@@ -85,7 +85,8 @@ class GatedDeltaNet(Mixer):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens)
+            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens,
+                                                   keep=use_cache or state is not None)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)

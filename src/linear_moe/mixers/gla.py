@@ -57,7 +57,8 @@ class GatedLinearAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens)
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
+                                                          keep=use_cache or state is not None)
         gk_BTHK = F.logsigmoid(self.gk_proj(x).float().unflatten(-1, (self.num_kv_heads, self.head_k_dim)))
         gk_BTHK = gk_BTHK / self.gate_logit_normalizer
         if self.clamp_min is not None:

@@ -74,7 +74,8 @@ class HGRNAttention(Mixer):
         i, f = self.i_proj(x), self.f_proj(x)
         if self.use_short_conv:
             convs = {"i": self.i_conv1d, "f": self.f_conv1d}
-            (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens)
+            (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens,
+                                                   keep=use_cache or state is not None)
         log_f_BTI = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
         i_BTI = F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)  # (1 - lambda) silu(i), float32: fla's state dtype
 

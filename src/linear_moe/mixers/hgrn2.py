@@ -63,7 +63,8 @@ class HGRN2Attention(Mixer):
         q, f, i = self.q_proj(x), self.f_proj(x), self.i_proj(x)
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "f": self.f_conv1d, "i": self.i_conv1d}
-            (q, f, i), new_state = rec.run_short_convs(convs, {"q": q, "f": f, "i": i}, state, cu_seqlens)
+            (q, f, i), new_state = rec.run_short_convs(convs, {"q": q, "f": f, "i": i}, state, cu_seqlens,
+                                                   keep=use_cache or state is not None)
         g = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
         q_BTHK = F.silu(q).unflatten(-1, (H, self.head_f_dim))
         k_BTHK = (-torch.expm1(g)).to(x.dtype).unflatten(-1, (H, self.head_f_dim))  # 1 - lambda

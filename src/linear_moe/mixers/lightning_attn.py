@@ -68,7 +68,8 @@ class LightningAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens)
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
+                                                          keep=use_cache or state is not None)
         if self.act is not None:
             q, k, v = self.act(q), self.act(k), self.act(v)
         k, v = self.repeat_kv(k, v)

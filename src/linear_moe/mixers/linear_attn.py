@@ -54,7 +54,8 @@ class LinearAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens)
+        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens,
+                                                          keep=use_cache or state is not None)
         k, v = self.repeat_kv(k, v)
         q, k = self.feature_map_q(q), self.feature_map_k(k)
         if self.norm_q:

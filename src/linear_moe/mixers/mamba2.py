@@ -83,7 +83,8 @@ class Mamba2(Mixer):
         T = x.shape[1]
         H, P, N, G = self.num_heads, self.head_dim, self.ssm_state_size, self.n_groups
         z, xbc, dt_BTH = self.in_proj(x).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        (xbc,), new_state = rec.run_short_convs({"xbc": self.conv1d}, {"xbc": xbc}, state, cu_seqlens)
+        (xbc,), new_state = rec.run_short_convs({"xbc": self.conv1d}, {"xbc": xbc}, state, cu_seqlens,
+                                                   keep=use_cache or state is not None)
         xs, b, c = xbc.split([self.intermediate_size, G * N, G * N], dim=-1)
         x_BTHP = xs.unflatten(-1, (H, P))
         b_BTHN = b.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)  # head h reads group h // (H/G)

@@ -57,7 +57,8 @@ class MultiScaleRetention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens)
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
+                                                          keep=use_cache or state is not None)
         if self.feature_map_fn is not None:
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
         pos_BT, pos_end = token_positions(x, None if state is None else state["pos"], cu_seqlens)

@@ -23,6 +23,15 @@ def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
 
+def compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """`h` in the autocast dtype when autocast is on. The residual stream stays float32 under autocast; the mixer
+    and FFN inputs are cast once here instead of once per projection (and the grouped expert GEMMs get the bf16
+    operands `torch._grouped_mm` wants on CUDA)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return h.to(torch.get_autocast_dtype(h.device.type))
+    return h
+
+
 class Block(nn.Module):
     """x + mixer(norm(x)), then + ffn(norm(x)). Returns (x [B, T, D], mixer state, MoE aux or None)."""
 
@@ -39,14 +48,10 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False, **mixer_kwargs):
-        y_BTD, new_state = self.mixer(self.attn_norm(x_BTD), state=state, cu_seqlens=cu_seqlens, use_cache=use_cache,
-                                      **mixer_kwargs)
+        y_BTD, new_state = self.mixer(compute_dtype(self.attn_norm(x_BTD)), state=state, cu_seqlens=cu_seqlens,
+                                      use_cache=use_cache, **mixer_kwargs)
         x_BTD = x_BTD + y_BTD
-        h_BTD = self.ffn_norm(x_BTD)
-        if torch.is_autocast_enabled(h_BTD.device.type):
-            # the residual stream stays fp32 under autocast; hand the FFN its compute dtype so the grouped expert
-            # GEMMs (torch._grouped_mm wants bf16 operands on CUDA) run without a padded fallback
-            h_BTD = h_BTD.to(torch.get_autocast_dtype(h_BTD.device.type))
+        h_BTD = compute_dtype(self.ffn_norm(x_BTD))
         aux = None
         if self.is_moe:
             y_BTD, aux = self.ffn(h_BTD)

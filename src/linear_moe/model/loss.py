@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -15,6 +16,16 @@ def _fused_ce_cls():
     except ImportError:
         return None
     return FusedLinearCrossEntropyLoss
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def fused_available(h: torch.Tensor) -> bool:
@@ -33,7 +44,11 @@ def causal_lm_loss(h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torc
         loss_fn = _fused_ce_cls()(ignore_index=-100, reduction="mean")
         # Under autocast the kernel sees one dtype: cast both operands as autocast would for the matmul.
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight_VD.dtype
-        return loss_fn(h_BTD.flatten(0, 1).to(dtype), labels_BT.flatten(), weight_VD.to(dtype)), None
+        # fla accumulates the LM-head gradient in float32 across token chunks (inside this forward call): allow
+        # TF32 for those float32 matmuls, which otherwise run as SIMT sgemm (the slowest kernel of a step)
+        with _tf32_matmuls():
+            loss = loss_fn(h_BTD.flatten(0, 1).to(dtype), labels_BT.flatten(), weight_VD.to(dtype))
+        return loss, None
     logits_BTV = F.linear(h_BTD, weight_VD)
     if labels_BT is None:
         return None, logits_BTV

@@ -13,6 +13,7 @@ class Dispatch:
     token_N: torch.Tensor  # source token of each kept assignment, sorted by expert (stable)
     slot_N: torch.Tensor  # index into the flat [T * k] assignments (for its router weight)
     counts_E: torch.Tensor  # kept assignments per expert (int64)
+    top_k: int  # assignments per token (slot_N indexes the flat [T * top_k] assignments)
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -51,7 +52,31 @@ def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: in
         if drop_policy == "weight":  # kept rows back in position order within each expert
             slot_N = slot_N[torch.argsort(flat_N[slot_N] * (T * k) + slot_N)]
         counts_E = counts_E.clamp(max=cap)
-    return Dispatch(slot_N // k, slot_N, counts_E)
+    return Dispatch(slot_N // k, slot_N, counts_E, k)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[token_N] for the kept assignments, with a deterministic backward that needs no atomics or sort: each
+    gradient row goes back to its (token, slot) place (a scatter without duplicate indices; dropped slots stay
+    zero) and the k slots of each token are summed. Autograd's own backward of `x[idx]` is an accumulating
+    index_put (sort + atomics on GPU)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, token_N: torch.Tensor, slot_N: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(slot_N)
+        ctx.T, ctx.k = x_TD.shape[0], k
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        (slot_N,) = ctx.saved_tensors
+        g_TkD = g_ND.new_zeros(ctx.T * ctx.k, g_ND.shape[-1]).index_copy_(0, slot_N, g_ND)
+        return g_TkD.view(ctx.T, ctx.k, -1).sum(1), None, None, None
+
+
+def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """[T, D] -> [N, D]: the source token row of every kept assignment, in dispatch (expert-sorted) order."""
+    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.top_k)
 
 
 def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from linear_moe.moe import balance
 from linear_moe.moe.config import MoEConfig
-from linear_moe.moe.dispatch import combine, dispatch, expert_counts
+from linear_moe.moe.dispatch import combine, dispatch, expert_counts, gather_rows
 from linear_moe.moe.experts import GroupedExperts, SwiGLU
 from linear_moe.moe.router import Router, Routing
 
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         r = self.router(x_ND, self.expert_bias)
         d = dispatch(r.experts_TK, r.weights_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-        y_ND = combine(self.experts(x_ND[d.token_N], d.counts_E), d, r.weights_TK)
+        y_ND = combine(self.experts(gather_rows(x_ND, d), d.counts_E), d, r.weights_TK)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_expert_gate is not None:

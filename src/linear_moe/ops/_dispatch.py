@@ -37,6 +37,11 @@ def fla_op(module: str, name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"fla.ops.{module}"), name)
 
 
+def fla_module_fn(module: str, name: str) -> Callable[..., Any]:
+    """Return `fla.modules.<module>.<name>` (fused norms, convolutions; imported on first use)."""
+    return getattr(importlib.import_module(f"fla.modules.{module}"), name)
+
+
 def check_layout(name: str, **tensors: torch.Tensor | None) -> None:
     """Raise a clear error unless every given tensor is 4-D `[B, T, H, D]` with matching B, T, H."""
     ref = None

@@ -1,0 +1,37 @@
+"""Depthwise causal 1-D convolution over time (the short convolution of DeltaNet, GLA, Mamba2 and others).
+
+`causal_conv1d(x [B, T, D], weight [D, W])` computes y[t] = act(sum_j weight[:, j] * x[t - W + 1 + j] + bias)
+with zeros before the start of each sequence (of each document with `cu_seqlens`). On CUDA with fla it runs
+fla's Triton kernel; elsewhere `F.conv1d` on padded documents. Carried convolution states (chunked prefill,
+decoding) are handled by `linear_moe.mixers.common.ShortConvolution`, which calls this for the stateless case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe.ops import varlen
+from linear_moe.ops._dispatch import fla_module_fn, use_fla
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, D], weight [D, W], bias [D] | None, activation None | 'silu' -> y [B, T, D] in x.dtype."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"causal_conv1d: expected x [B, T, D] and weight [D, W], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    weight = weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    if use_fla(x):
+        fn = fla_module_fn("causal_conv1d.ops", "causal_conv1d")
+        y, _ = fn(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        return y
+    if cu_seqlens is not None:
+        return varlen.unpad(causal_conv1d(varlen.pad(x, cu_seqlens), weight, bias, activation), cu_seqlens)
+    W = weight.shape[1]
+    y_BDT = F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[-1])
+    y = y_BDT.transpose(1, 2)
+    return F.silu(y) if activation == "silu" else y
