@@ -61,9 +61,19 @@ def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, c
     return o.to(q.dtype), (s if output_final_state else None)
 
 
-def _like_torch(o: Tensor, s: State | None, q: Tensor, output_final_state: bool) -> tuple[Tensor, State | None]:
-    """fla returns `(None, z)` as the state when normalizing without output_final_state, and a float32 `o` when
-    z is float32: give the same `(o in q's dtype, None)` as the PyTorch path."""
+def _run_fla(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float | None, initial_state: State | None,
+             output_final_state: bool, normalize: bool, cu_seqlens: Tensor | None, **opts: Any
+             ) -> tuple[Tensor, State | None]:
+    """fla's unnormalised kernel, then our float32 normaliser. fla's own `normalize=True` keeps the running key
+    sum and the denominators in the input dtype, which in bf16 drifts by percents over a few hundred tokens with
+    Based's 153-wide feature map; the division is cheap next to the kernel, so it runs in float32 here."""
+    s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, s = fla_op("linear_attn", name)(q, k, v, scale=scale, initial_state=s0, output_final_state=output_final_state,
+                                       normalize=False, cu_seqlens=cu_seqlens, **opts)
+    if normalize:
+        o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
+        return o.to(q.dtype), ((s, z) if output_final_state else None)
     return o.to(q.dtype), (s if output_final_state else None)
 
 
@@ -93,11 +103,8 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     """fla's `chunk_linear_attn` on CUDA (extra kwargs dropped), else `chunk_linear_attn_torch`."""
     cc.reject_head_first("chunk_linear_attn", kwargs)
     if use_fla(q):
-        _split_state("chunk_linear_attn", q, k, v, initial_state, normalize, cu_seqlens)
-        o, s = fla_op("linear_attn", "chunk_linear_attn")(
-            q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            normalize=normalize, cu_seqlens=cu_seqlens)
-        return _like_torch(o, s, q, output_final_state)
+        return _run_fla("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state, normalize,
+                        cu_seqlens)
     return chunk_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, **kwargs)
 
 
@@ -108,10 +115,7 @@ def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | 
     """fla's `fused_recurrent_linear_attn` on CUDA (extra kwargs dropped), else the token loop."""
     cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
     if use_fla(q):
-        _split_state("fused_recurrent_linear_attn", q, k, v, initial_state, normalize, cu_seqlens)
-        o, s = fla_op("linear_attn", "fused_recurrent_linear_attn")(
-            q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            reverse=reverse, normalize=normalize, cu_seqlens=cu_seqlens)
-        return _like_torch(o, s, q, output_final_state)
+        return _run_fla("fused_recurrent_linear_attn", q, k, v, scale, initial_state, output_final_state, normalize,
+                        cu_seqlens, reverse=reverse)
     return fused_recurrent_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, reverse, normalize,
                                              cu_seqlens, **kwargs)
