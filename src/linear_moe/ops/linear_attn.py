@@ -66,10 +66,13 @@ def _run_fla(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float | None, in
              ) -> tuple[Tensor, State | None]:
     """fla's unnormalised kernel, then our float32 normaliser. fla's own `normalize=True` keeps the running key
     sum and the denominators in the input dtype, which in bf16 drifts by percents over a few hundred tokens with
-    Based's 153-wide feature map; the division is cheap next to the kernel, so it runs in float32 here."""
+    Based's 153-wide feature map. The kernel itself also runs on float32 inputs when normalising: the gradient of
+    a normalised output is the small difference of two large terms (the kernel's and the normaliser's), and the
+    kernel's bf16-rounded share of it loses most of its digits."""
     s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, s = fla_op("linear_attn", name)(q, k, v, scale=scale, initial_state=s0, output_final_state=output_final_state,
+    qkv = (q.float(), k.float(), v.float()) if normalize else (q, k, v)
+    o, s = fla_op("linear_attn", name)(*qkv, scale=scale, initial_state=s0, output_final_state=output_final_state,
                                        normalize=False, cu_seqlens=cu_seqlens, **opts)
     if normalize:
         o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
