@@ -4,12 +4,13 @@ compile, and resume (losses equal to a straight run within bf16 noise)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from linear_moe.cli import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -33,10 +34,26 @@ SMALL = [
 ]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "linear_moe", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """`linear-moe ARGS` in this process (so the one-config Triton autotuning of tests/gpu/conftest.py applies and
+    compiled kernels are shared between tests), with the config paths relative to the repository root."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        argv = [str(ROOT / a) if str(a).startswith("configs/") else str(a) for a in args]
+        rc = main(argv)
+        out = capsys.readouterr()
+        return Result(rc, out.out, out.err)
+
+    return run
 
 
 def _train_losses(run_dir: Path) -> list[float]:
@@ -54,7 +71,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "extra", [[], ["train.activation_checkpointing=true"], ["train.compile=true"]], ids=["plain", "ac", "compile"]
 )
-def test_default_config_on_cuda(corpus, tmp_path, extra):
+def test_default_config_on_cuda(cli, corpus, tmp_path, extra):
     run_dir = tmp_path / "run"
     res = cli("train", "configs/default.yaml", f"data.inputs=[{corpus}]", f"train.run_dir={run_dir}", *SMALL, *extra)
     assert res.returncode == 0, res.stderr
@@ -68,7 +85,7 @@ def test_default_config_on_cuda(corpus, tmp_path, extra):
     assert "sample: The" in res.stdout
 
 
-def test_resume_on_cuda(corpus, tmp_path):
+def test_resume_on_cuda(cli, corpus, tmp_path):
     straight = tmp_path / "a"
     assert (
         cli("train", "configs/default.yaml", f"data.inputs=[{corpus}]", f"train.run_dir={straight}", *SMALL).returncode
