@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,3 +68,23 @@ def test_tiny_model_trains_bf16(preset, mixer):
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("mixer", ["gla", "gated_deltanet"])
+def test_a03b_preset_forward_backward(mixer):
+    """One bf16-autocast step of the full-size A0.3B-2B preset (vocab 32K, as the reference runs): the initial
+    loss is that of a near-uniform prediction, every gradient is finite, and the expert loads count T*k tokens.
+    Throughput and memory of the same step: `python -m linear_moe.model.bench` (docs/benchmarks.md)."""
+    torch.manual_seed(0)
+    cfg = get_preset("A0.3B-2B").replace(mixer=mixer, vocab_size=32000)
+    model = LinearMoEForCausalLM(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 2049), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.5, out.loss.item()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    assert model.embed_tokens.weight.grad is not None and model.layers[-1].ffn.experts.w2.grad.abs().sum() > 0
+    k = cfg.moe.top_k
+    assert torch.equal(out.expert_load.sum(-1), torch.full_like(out.expert_load[:, 0], 2 * 2048 * k))
