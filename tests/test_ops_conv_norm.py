@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from linear_moe.mixers.common import ShortConvolution
 from linear_moe.moe.dispatch import dispatch, gather_rows
+from linear_moe.ops.activations import swiglu
 from linear_moe.ops.conv import causal_conv1d
 from linear_moe.ops.norm import rms_norm_gated
 
@@ -100,3 +101,10 @@ def test_gather_rows_backward_equals_autograd_indexing(capacity_factor):
     (want,) = torch.autograd.grad(x[d.token_N], x, g)
     torch.testing.assert_close(gather_rows(x, d), x[d.token_N])
     torch.testing.assert_close(ours, want)
+
+
+def test_swiglu_matches_formula_and_checks_shapes():
+    gate, up = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
+    torch.testing.assert_close(swiglu(gate, up), gate / (1 + torch.exp(-gate)) * up)
+    with pytest.raises(ValueError, match="one shape"):
+        swiglu(gate, up[:, :3])

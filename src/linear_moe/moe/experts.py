@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from linear_moe.ops.activations import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -17,7 +18,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 MLP = SwiGLU
@@ -88,4 +89,4 @@ class GroupedExperts(nn.Module):
         x_ND = x_ND.to(dtype)
         h_N2F = grouped_matmul(x_ND, self.w13.to(dtype), counts_E, self.backend)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate_NF) * up_NF, self.w2.to(dtype), counts_E, self.backend)
+        return grouped_matmul(swiglu(gate_NF, up_NF), self.w2.to(dtype), counts_E, self.backend)
