@@ -1,4 +1,4 @@
-"""`linear-moe prepare | train | finetune | plot`: thin typed functions over the library.
+"""`linear-moe prepare | train | finetune | plot | bench`: thin typed functions over the library.
 
 Every user-facing failure (bad config key or value, missing or empty data, corrupt or mismatched
 checkpoint, a run directory that would be overwritten) prints one `error: ...` line on stderr and
@@ -100,6 +100,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+BENCHES = {"model": "linear_moe.model.bench", "moe": "linear_moe.moe.bench"}
+
+
+def bench(target: str, args: list[str]) -> None:
+    """GPU throughput benchmarks (CUDA events after warm-up; see docs/benchmarks.md).
+
+    `linear-moe bench model --preset A0.3B-2B --mixer gla --vocab 32000 --shape 16x2048` times a preset's
+    forward + backward (tokens/s, MFU, peak memory; `--profile 30` adds a profiler table);
+    `linear-moe bench moe --tokens 65536` times the grouped SwiGLU experts and the whole MoE layer.
+    `linear-moe bench model --help` lists every option.
+    """
+    import importlib
+
+    importlib.import_module(BENCHES[target]).main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="linear-moe", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -143,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help=_summary(plot), description=_doc(plot), formatter_class=fmt)
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.set_defaults(run=lambda a: plot(a.run_dir))
+
+    p = sub.add_parser("bench", help=_summary(bench), description=_doc(bench), formatter_class=fmt, add_help=False)
+    p.add_argument("target", choices=BENCHES, help="model: a preset's training step; moe: the grouped experts")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that bench (--help lists them)")
+    p.set_defaults(run=lambda a: bench(a.target, a.bench_args))
     return parser
 
 
@@ -185,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "bench"]

@@ -102,7 +102,7 @@ def print_profile(step, rows: int, steps: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[BenchResult]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="linear-moe bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="A0.3B-2B", choices=PRESETS)
     p.add_argument("--mixer", default="gla")
     p.add_argument("--layer-pattern", default=None, help="e.g. LLLN (hybrid with softmax attention)")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
                    help="after timing, profile two steps and print the ROWS ops with the most device time")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench needs a CUDA GPU (--device cpu only smoke-tests the script)")
+        raise SystemExit("error: the model bench needs a CUDA GPU; --device cpu only smoke-tests the script")
     cfg = get_preset(args.preset).replace(mixer=args.mixer, layer_pattern=args.layer_pattern,
                                           fuse_linear_cross_entropy=not args.no_fused_ce)
     if args.vocab is not None:

@@ -29,17 +29,17 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="linear-moe bench moe", description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=896)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--backend", default="auto", choices=["auto", "grouped_mm", "bmm"])
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench needs CUDA")
+        raise SystemExit("error: the MoE bench needs a CUDA GPU (torch.cuda.is_available() is False)")
     dev, dt = "cuda", torch.bfloat16
     E, k, D, F, T = a.experts, a.top_k, a.hidden, a.ffn, a.tokens
     experts = GroupedExperts(E, D, F, backend=a.backend).to(dev, dt)
