@@ -219,3 +219,49 @@ def test_aux_free_bias_follows_the_summed_load(tiny_data, tmp_path):
     trainer.train_step(0)
     for layer, before, load_E in zip(layers, bias_before, load_LE, strict=True):
         torch.testing.assert_close(layer.expert_bias - before, rate * torch.sign(load_E.mean() - load_E))
+
+
+def _saved_bytes_and_grads(model, ids):
+    """Bytes autograd keeps for backward in one forward (outside checkpointed regions) and the gradients."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    return saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_expert_checkpointing_same_gradients_less_saved():
+    import copy
+
+    from linear_moe.model import LinearMoEForCausalLM, get_preset
+    from linear_moe.train.trainer import apply_expert_checkpointing
+
+    torch.manual_seed(0)
+    cfg = get_preset("debug-qwen2-moe").replace(mixer="gla")
+    model = LinearMoEForCausalLM(cfg)
+    ck = copy.deepcopy(model)
+    apply_expert_checkpointing(ck)
+    ids = torch.randint(0, cfg.vocab_size, (2, 65))
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, ids)
+    ck_bytes, ck_grads = _saved_bytes_and_grads(ck, ids)
+    assert list(ck.state_dict()) == list(model.state_dict())
+    assert ck_grads.keys() == plain_grads.keys()
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(ck_grads[n], g, msg=n)
+    # per MoE layer the [N, 2F] gate|up output and the [N, F] SwiGLU output are no longer kept (N = tokens * k)
+    n_assign = 2 * 64 * cfg.moe.top_k
+    F = cfg.moe.expert_ffn_hidden_size
+    assert plain_bytes - ck_bytes >= len(model.moe_layers()) * n_assign * 3 * F * 4
+
+
+def test_checkpoint_experts_trains_like_plain(tiny_data, tmp_path):
+    _, plain = tiny_run(tmp_path / "a", tiny_data, "train.steps=2")
+    _, ck = tiny_run(tmp_path / "b", tiny_data, "train.steps=2", "train.checkpoint_experts=true")
+    plain.fit(), ck.fit()
+    assert _train_losses(ck) == pytest.approx(_train_losses(plain), rel=1e-5)

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--no-fused-ce", action="store_true", help="plain cross-entropy (materialises logits)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (as train.activation_checkpointing)")
+    p.add_argument("--checkpoint-experts", action="store_true",
+                   help="recompute only the routed experts in backward (as train.checkpoint_experts)")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (e.g. 32000)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile two steps and print the ROWS ops with the most device time")
@@ -135,12 +137,16 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         from linear_moe.train.trainer import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
+    elif args.checkpoint_experts:
+        from linear_moe.train.trainer import apply_expert_checkpointing
+
+        apply_expert_checkpointing(model)
     if args.compile:
         for block in model.layers:
             block.compile()
     print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
           f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
-          f"ac={args.activation_checkpointing} vocab={cfg.vocab_size}")
+          f"ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}")
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
         r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast",

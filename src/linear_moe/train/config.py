@@ -65,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each block in backward (non-reentrant)
+    checkpoint_experts: bool = False  # recompute only the routed experts in backward (their activations dominate)
     compile: bool = False  # torch.compile each block
     log_every: int = 10  # steps between training log records
     eval_every: int = 300  # steps between validation losses (0 = only at the end)

@@ -84,6 +84,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def apply_expert_checkpointing(model: nn.Module) -> None:
+    """Recompute the routed experts of every MoE layer in backward (non-reentrant): only their [tokens * k, D]
+    input is kept, not the [tokens * k, 2F] gate|up output and the [tokens * k, F] SwiGLU output, for one more
+    expert forward per step. Parameter names are unchanged."""
+    for moe in moe_layers(model):
+        moe.experts.forward = functools.partial(checkpoint, moe.experts.forward, use_reentrant=False)
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each block in place (parameter names are unchanged)."""
     for block in transformer_blocks(model):
@@ -123,6 +131,8 @@ class Trainer:
         self.model = parallelize(model, self.device)
         if self.tc.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        elif self.tc.checkpoint_experts:  # whole-block recomputation already covers the experts
+            apply_expert_checkpointing(self.model)
         if self.tc.compile:
             compile_blocks(self.model)
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
