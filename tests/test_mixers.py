@@ -27,6 +27,7 @@ VARIANTS = {
                                                            use_short_conv=True)),
     "based+conv": ("based", dict(use_short_conv=True, feature_dim=4)),
     "attention+gqa+qknorm": ("attention", dict(num_kv_heads=1, qk_norm=True, rotary_dim=8)),
+    "gated_deltanet+gva": ("gated_deltanet", dict(num_v_heads=4, expand_v=1.0)),
 }
 CASES = [pytest.param(n, {}, id=n) for n in NAMES] + [pytest.param(n, o, id=i) for i, (n, o) in VARIANTS.items()]
 ATOL, RTOL = 1e-9, 1e-7

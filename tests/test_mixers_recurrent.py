@@ -80,6 +80,20 @@ def test_gated_deltanet_equals_gated_delta_rule_recurrence():
     torch.testing.assert_close(m(x)[0], ref, atol=2e-5, rtol=1e-4)
 
 
+def test_gated_deltanet_gva_equals_recurrence_with_shared_qk_heads():
+    """num_v_heads = 2 * num_heads: value head j reads q/k head j // 2; gates are per value head."""
+    m = build("gated_deltanet", num_v_heads=2 * H, expand_v=1.0)
+    x = torch.randn(2, T, D)
+    q, k, v = qkv_convs(m, x)
+    q, k = (F.normalize(heads(t, m.head_k_dim), dim=-1).repeat_interleave(2, dim=2) for t in (q, k))
+    alpha = torch.exp(-m.A_log.exp() * F.softplus(m.a_proj(x) + m.dt_bias))
+    o = delta_loop(q, k, heads(v, m.head_v_dim), m.b_proj(x).sigmoid(), alpha)
+    assert o.shape[2] == 2 * H
+    g = heads(m.g_proj(x), m.head_v_dim)
+    ref = m.o_proj((rms(o, m.o_norm.weight, 1e-5) * F.silu(g)).flatten(-2))
+    torch.testing.assert_close(m(x)[0], ref, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 def test_mamba2_equals_ssd_recurrence(norm_before_gate):
     N, G = 4, 2
@@ -231,7 +245,8 @@ def test_rwkv_packed_documents_do_not_leak(name):
 
 @pytest.mark.parametrize("name, opts", [
     ("deltanet", {"qk_activation": "tanh"}), ("deltanet", {"qk_norm": "l1"}),
-    ("gated_deltanet", {"output_gate_activation": "gelu"}), ("mamba2", {"n_groups": 3}),
+    ("gated_deltanet", {"output_gate_activation": "gelu"}), ("gated_deltanet", {"num_v_heads": 3}),
+    ("mamba2", {"n_groups": 3}),
     ("rwkv6", {"gate_fn": "softmax"}), ("rwkv6", {"expand_k": 0.3}), ("hgrn", {"expand_ratio": 0}),
     ("hgrn2", {"expand_ratio": 0}),
 ])

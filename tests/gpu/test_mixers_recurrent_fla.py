@@ -26,7 +26,17 @@ BF16_ONLY = {"deltanet": torch.bfloat16}
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_fla_layer(name):
-    module, cls, fla_kwargs, ours_kwargs = CASES[name]
+    compare_with_fla(name, *CASES[name])
+
+
+def test_gated_deltanet_gva_matches_fla_layer():
+    """Grouped value heads: 2H value heads over H q/k heads, per-value-head gates."""
+    compare_with_fla("gated_deltanet", "gated_deltanet", "GatedDeltaNet",
+                     dict(num_heads=H, num_v_heads=2 * H, head_dim=D // H, expand_v=1.0),
+                     dict(num_v_heads=2 * H, expand_v=1.0))
+
+
+def compare_with_fla(name, module, cls, fla_kwargs, ours_kwargs):
     fla_layers = pytest.importorskip(f"fla.layers.{module}")
     torch.manual_seed(0)
     ours = build_mixer(name, D, H, layer_idx=0, **ours_kwargs).cuda()

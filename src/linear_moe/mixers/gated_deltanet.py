@@ -32,14 +32,16 @@ class GatedDeltaNet(Mixer):
         use_gate (True): output `rmsnorm(o) * act(g_proj(x))`; output_gate_activation ('swish'|'silu'|'sigmoid').
         use_short_conv (True), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
         allow_neg_eigval (False): beta in (0, 2) (arXiv:2411.12537). norm_eps (1e-5).
-    Grouped value heads (fla's `num_v_heads`) are not supported.
-    State: `recurrent` [B, H, K, V] (float32), `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, H*V, W-1].
+        num_v_heads (None -> num_heads): grouped value attention (GVA, as fla and Qwen3-Next): HV >= H value heads,
+        HV a multiple of H, each group of HV/H consecutive value heads reading one q/k head; the gates (a, b, A_log,
+        dt_bias) are per value head.
+    State: `recurrent` [B, HV, K, V] (float32), `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, HV*V, W-1].
     """
 
     def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, head_dim: int | None = None,
                  expand_v: float = 2.0, use_gate: bool = True, use_short_conv: bool = True, conv_size: int = 4,
                  conv_bias: bool = False, allow_neg_eigval: bool = False, norm_eps: float = 1e-5,
-                 output_gate_activation: str = "swish"):
+                 output_gate_activation: str = "swish", num_v_heads: int | None = None):
         super().__init__()
         if output_gate_activation not in GATE_ACTIVATIONS:
             raise ValueError(f"GatedDeltaNet: output_gate_activation must be one of {list(GATE_ACTIVATIONS)}, "
@@ -48,19 +50,23 @@ class GatedDeltaNet(Mixer):
         head_v_dim = head_dim * expand_v
         if head_dim <= 0 or not math.isclose(head_v_dim, round(head_v_dim)) or round(head_v_dim) <= 0:
             raise ValueError(f"GatedDeltaNet: head_dim={head_dim} * expand_v={expand_v} must be a positive integer")
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        if num_v_heads < num_heads or num_v_heads % num_heads:
+            raise ValueError(f"GatedDeltaNet: num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
+        self.num_v_heads = num_v_heads
         self.head_k_dim, self.head_v_dim = head_dim, round(head_v_dim)
-        self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_heads * self.head_v_dim
+        self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_v_heads * self.head_v_dim
         self.use_gate, self.use_short_conv, self.allow_neg_eigval = use_gate, use_short_conv, allow_neg_eigval
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(0, 16).log())
         self.A_log._no_weight_decay = True
-        self.dt_bias = nn.Parameter(rec.init_dt_bias(num_heads))
+        self.dt_bias = nn.Parameter(rec.init_dt_bias(num_v_heads))
         self.dt_bias._no_weight_decay = True
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
@@ -92,7 +98,7 @@ class GatedDeltaNet(Mixer):
         # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)
         q_BTHK = q.unflatten(-1, (self.num_heads, self.head_k_dim))
         k_BTHK = k.unflatten(-1, (self.num_heads, self.head_k_dim))
-        v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        v_BTHV = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))  # HV >= H heads (GVA)
         beta_BTH = self.b_proj(x).sigmoid()
         if self.allow_neg_eigval:
             beta_BTH = beta_BTH * 2.0
@@ -107,5 +113,5 @@ class GatedDeltaNet(Mixer):
 
     def sequence_flops(self, seq_len: int) -> float:
         # Same WY chunk form as DeltaNet; the scalar decay adds only O(C) per token.
-        return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
+        return self.num_v_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
                                                   extra_ck=2, extra_cv=1, extra_kv=1)
