@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the GPU test suite on a CUDA machine (a time-out sends SIGINT, so pytest still prints the failures so far) (the H200 device machine: run from the repo root after
-# `source .gpu/env.sh`). Results and the Triton cache go to $OUT when it is set.
+# Run the GPU test suite on a CUDA machine (the H200 device machine: run from the repo root after
+# `source .gpu/env.sh`). Results and the Triton cache go to $OUT when it is set. GPU_TEST_TIMEOUT ends pytest with
+# SIGINT, so it still prints the failures so far.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
