@@ -48,10 +48,9 @@ class BasedLinearAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens,
-                                                          keep=use_cache or state is not None)
-        q, k = self.feature_map(q), self.feature_map(k)
         keep = use_cache or state is not None
+        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)
+        q, k = self.feature_map(q), self.feature_map(k)
         o_BTHV, s = self.run_linear_attn(q, k, v, state, keep, cu_seqlens, normalize=True, scale=1.0)
         y = self.o_proj(o_BTHV.flatten(-2))
         return y, ({**s, **conv_state} if keep else None)

@@ -84,13 +84,13 @@ class DeltaNet(Mixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        keep = use_cache or state is not None
         B, T, _ = x.shape
         new_state: MixerState = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens,
-                                                   keep=use_cache or state is not None)
+            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
         else:
             if self.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
@@ -104,7 +104,6 @@ class DeltaNet(Mixer):
         if self.allow_neg_eigval:
             beta_BTH = beta_BTH * 2.0
 
-        keep = use_cache or state is not None
         fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, T))
         o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, beta=beta_BTH,
                             initial_state=None if state is None else state["recurrent"],

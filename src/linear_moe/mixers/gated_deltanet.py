@@ -86,13 +86,13 @@ class GatedDeltaNet(Mixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        keep = use_cache or state is not None
         T = x.shape[1]
         new_state: MixerState = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens,
-                                                   keep=use_cache or state is not None)
+            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)
@@ -104,7 +104,6 @@ class GatedDeltaNet(Mixer):
             beta_BTH = beta_BTH * 2.0
         g_BTH = decay_log(self.a_proj(x), self.A_log, self.dt_bias)
 
-        keep = use_cache or state is not None
         fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, T))
         o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, g=g_BTH, beta=beta_BTH,
                             initial_state=None if state is None else state["recurrent"],

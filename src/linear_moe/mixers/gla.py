@@ -57,8 +57,8 @@ class GatedLinearAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
-                                                          keep=use_cache or state is not None)
+        keep = use_cache or state is not None
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         gk_BTHK = F.logsigmoid(self.gk_proj(x).float().unflatten(-1, (self.num_kv_heads, self.head_k_dim)))
         gk_BTHK = gk_BTHK / self.gate_logit_normalizer
         if self.clamp_min is not None:
@@ -66,7 +66,6 @@ class GatedLinearAttention(_linear.LinearMixer):
         if self.feature_map_fn is not None:
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
         k, v, gk_BTHK = self.repeat_kv(k, v, gk_BTHK)
-        keep = use_cache or state is not None
         s0 = None if state is None else state["recurrent"]
         if rec.use_recurrent_kernel(self, state, x.shape[1]):
             o_BTHV, s = rec.op("gla", True)(q=q, k=k, v=v, gk=gk_BTHK, initial_state=s0, output_final_state=keep,

@@ -69,17 +69,16 @@ class HGRNAttention(Mixer):
                 use_cache: bool = False, lower_bound: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        keep = use_cache or state is not None
         T = x.shape[1]
         new_state: MixerState = {}
         i, f = self.i_proj(x), self.f_proj(x)
         if self.use_short_conv:
             convs = {"i": self.i_conv1d, "f": self.f_conv1d}
-            (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens,
-                                                   keep=use_cache or state is not None)
+            (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens, keep)
         log_f_BTI = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
         i_BTI = F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)  # (1 - lambda) silu(i), float32: fla's state dtype
 
-        keep = use_cache or state is not None
         fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, T))
         o_BTI, h_BI = fn(x=i_BTI, g=log_f_BTI, initial_state=None if state is None else state["recurrent"],
                          output_final_state=keep, cu_seqlens=cu_seqlens)

@@ -57,21 +57,20 @@ class HGRN2Attention(Mixer):
                 use_cache: bool = False, lower_bound: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
+        keep = use_cache or state is not None
         T = x.shape[1]
         H = self.num_heads
         new_state: MixerState = {}
         q, f, i = self.q_proj(x), self.f_proj(x), self.i_proj(x)
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "f": self.f_conv1d, "i": self.i_conv1d}
-            (q, f, i), new_state = rec.run_short_convs(convs, {"q": q, "f": f, "i": i}, state, cu_seqlens,
-                                                   keep=use_cache or state is not None)
+            (q, f, i), new_state = rec.run_short_convs(convs, {"q": q, "f": f, "i": i}, state, cu_seqlens, keep)
         g = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
         q_BTHK = F.silu(q).unflatten(-1, (H, self.head_f_dim))
         k_BTHK = (-torch.expm1(g)).to(x.dtype).unflatten(-1, (H, self.head_f_dim))  # 1 - lambda
         g_BTHK = g.unflatten(-1, (H, self.head_f_dim))
         v_BTHV = i.unflatten(-1, (H, self.head_i_dim))
 
-        keep = use_cache or state is not None
         recurrent = rec.use_recurrent_kernel(self, state, T)
         gate = {"gk": g_BTHK} if recurrent else {"g": g_BTHK}  # fla names the key-wise gate differently
         o_BTHV, s_BHKV = rec.op("gla", recurrent)(

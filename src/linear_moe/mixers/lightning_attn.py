@@ -68,12 +68,11 @@ class LightningAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
-                                                          keep=use_cache or state is not None)
+        keep = use_cache or state is not None
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         if self.act is not None:
             q, k, v = self.act(q), self.act(k), self.act(v)
         k, v = self.repeat_kv(k, v)
-        keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
         o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=self.log_decay(x.device), scale=self.scale,
                        initial_state=None if state is None else state["recurrent"], output_final_state=keep,

@@ -54,15 +54,14 @@ class LinearAttention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens,
-                                                          keep=use_cache or state is not None)
+        keep = use_cache or state is not None
+        q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)
         k, v = self.repeat_kv(k, v)
         q, k = self.feature_map_q(q), self.feature_map_k(k)
         if self.norm_q:
             q = q / (q.sum(-1, keepdim=True) + 1e-4)
         if self.norm_k:
             k = k / (k.sum(-1, keepdim=True) + 1e-4)
-        keep = use_cache or state is not None
         o_BTHV, s = self.run_linear_attn(q, k, v, state, keep, cu_seqlens, self.normalize, None)
         y = self.o_proj(self.norm(o_BTHV).flatten(-2))
         return y, ({**s, **conv_state} if keep else None)

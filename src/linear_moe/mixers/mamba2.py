@@ -80,11 +80,11 @@ class Mamba2(Mixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, ["recurrent", "conv_xbc"])
+        keep = use_cache or state is not None
         T = x.shape[1]
         H, P, N, G = self.num_heads, self.head_dim, self.ssm_state_size, self.n_groups
         z, xbc, dt_BTH = self.in_proj(x).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        (xbc,), new_state = rec.run_short_convs({"xbc": self.conv1d}, {"xbc": xbc}, state, cu_seqlens,
-                                                   keep=use_cache or state is not None)
+        (xbc,), new_state = rec.run_short_convs({"xbc": self.conv1d}, {"xbc": xbc}, state, cu_seqlens, keep)
         xs, b, c = xbc.split([self.intermediate_size, G * N, G * N], dim=-1)
         x_BTHP = xs.unflatten(-1, (H, P))
         b_BTHN = b.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)  # head h reads group h // (H/G)
@@ -92,7 +92,6 @@ class Mamba2(Mixer):
         dt_BTH = F.softplus(rec.acc(dt_BTH) + rec.acc(self.dt_bias)).clamp(*self.dt_limit)
         g_BTH = -rec.acc(self.A_log).exp() * dt_BTH
 
-        keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, T))
         o_BTHP, s_BHNP = fn(q=c_BTHN, k=b_BTHN, v=(rec.acc(x_BTHP) * dt_BTH[..., None]).to(x.dtype), g=g_BTH,
                             scale=1.0, initial_state=None if state is None else state["recurrent"],

@@ -57,14 +57,13 @@ class MultiScaleRetention(_linear.LinearMixer):
     def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens,
-                                                          keep=use_cache or state is not None)
+        keep = use_cache or state is not None
+        q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         if self.feature_map_fn is not None:
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
         pos_BT, pos_end = token_positions(x, None if state is None else state["pos"], cu_seqlens)
         q, k = self.rotary(q, pos_BT), self.rotary(k, pos_BT)
         k, v = self.repeat_kv(k, v)
-        keep = use_cache or state is not None
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
         o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=retention_log_decay(self.num_heads, x.device),
                        initial_state=None if state is None else state["recurrent"], output_final_state=keep,
