@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.ops import varlen
-from linear_moe.ops.conv import causal_conv1d
+from linear_moe.ops.conv import causal_conv1d, conv1d_with_context
 from linear_moe.ops.norm import rms_norm_gated
 
 
@@ -62,7 +62,7 @@ class ShortConvolution(nn.Module):
                 output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         if state is None:
             y = causal_conv1d(x, self.weight, self.bias, self.activation, cu_seqlens)
-            return y, (self._final_state(x, None, cu_seqlens) if output_final_state else None)
+            return y, (self._final_state(x, cu_seqlens) if output_final_state else None)
         if cu_seqlens is not None:
             y, new_state = self._batched(varlen.pad(x, cu_seqlens), state, varlen.seq_lens(cu_seqlens))
             return varlen.unpad(y, cu_seqlens), new_state
@@ -75,13 +75,13 @@ class ShortConvolution(nn.Module):
             state_BDW = x_BTD.new_zeros(B, D, self.kernel_size - 1)
         return torch.cat([state_BDW.to(x_BTD.dtype), x_BTD.transpose(1, 2)], dim=-1)
 
-    def _final_state(self, x: torch.Tensor, state_BDW: torch.Tensor | None, cu_seqlens: torch.Tensor | None
-                     ) -> torch.Tensor:
-        """The last W-1 inputs of each sequence (of each document with cu_seqlens), [B or N, D, W-1]."""
+    def _final_state(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """The last W-1 inputs of each sequence (of each document with cu_seqlens) started without a state,
+        [B or N, D, W-1]."""
         lens_B = None
         if cu_seqlens is not None:
             x, lens_B = varlen.pad(x, cu_seqlens), varlen.seq_lens(cu_seqlens)
-        return self._tail(self._inputs(x, state_BDW), lens_B)
+        return self._tail(self._inputs(x, None), lens_B)
 
     def _tail(self, xs_BDT: torch.Tensor, lens_B: torch.Tensor | None) -> torch.Tensor:
         B, D, _ = xs_BDT.shape
@@ -95,12 +95,7 @@ class ShortConvolution(nn.Module):
         self, x_BTD: torch.Tensor, state_BDW: torch.Tensor | None, lens_B: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         xs_BDT = self._inputs(x_BTD, state_BDW)  # [B, D, W-1+T]
-        y_BDT = F.conv1d(xs_BDT, self.weight.unsqueeze(1).to(x_BTD.dtype),
-                         None if self.bias is None else self.bias.to(x_BTD.dtype), groups=x_BTD.shape[-1])
-        y_BTD = y_BDT.transpose(1, 2)
-        if self.activation == "silu":
-            y_BTD = F.silu(y_BTD)
-        return y_BTD, self._tail(xs_BDT, lens_B)
+        return conv1d_with_context(xs_BDT, self.weight, self.bias, self.activation), self._tail(xs_BDT, lens_B)
 
     def step(self, x_BD: torch.Tensor, state_BDW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step: x [B, D], state [B, D, W-1] -> (y [B, D], new state)."""
