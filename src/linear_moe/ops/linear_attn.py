@@ -55,8 +55,15 @@ def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, c
     s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, s = cc.packed(lambda q_, k_, v_: engine(q_, k_, v_, None, scale, s0, **opts), cu_seqlens, q, k, v)
+    return _finish(o, s, q, k, scale, z0, output_final_state, normalize, opts.get("reverse", False), cu_seqlens)
+
+
+def _finish(o: Tensor, s: Tensor | None, q: Tensor, k: Tensor, scale: float, z0: Tensor | None,
+            output_final_state: bool, normalize: bool, reverse: bool, cu_seqlens: Tensor | None
+            ) -> tuple[Tensor, State | None]:
+    """Unnormalised (o, S) -> o in q's dtype (normalised in float32 when asked) and the state to return."""
     if normalize:
-        o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
+        o, z = _normalize(o, q, k, scale, z0, reverse, cu_seqlens)
         return o.to(q.dtype), ((s, z) if output_final_state else None)
     return o.to(q.dtype), (s if output_final_state else None)
 
@@ -74,10 +81,7 @@ def _run_fla(name: str, q: Tensor, k: Tensor, v: Tensor, scale: float | None, in
     qkv = (q.float(), k.float(), v.float()) if normalize else (q, k, v)
     o, s = fla_op("linear_attn", name)(*qkv, scale=scale, initial_state=s0, output_final_state=output_final_state,
                                        normalize=False, cu_seqlens=cu_seqlens, **opts)
-    if normalize:
-        o, z = _normalize(o, q, k, scale, z0, opts.get("reverse", False), cu_seqlens)
-        return o.to(q.dtype), ((s, z) if output_final_state else None)
-    return o.to(q.dtype), (s if output_final_state else None)
+    return _finish(o, s, q, k, scale, z0, output_final_state, normalize, opts.get("reverse", False), cu_seqlens)
 
 
 def chunk_linear_attn_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
