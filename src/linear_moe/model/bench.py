@@ -82,21 +82,22 @@ def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int,
     tok_s = b * t * steps / seconds
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     if profile_rows:
-        print_profile(step, profile_rows)
+        print_profile(step, profile_rows, cuda)
     return BenchResult(spec, tok_s, tok_s * flops_per_token(cfg, t) / peak, mem)
 
 
-def print_profile(step, rows: int, steps: int = 2) -> None:
-    """Run `steps` more steps under torch.profiler and print the `rows` ops with the most self device time."""
+def print_profile(step, rows: int, cuda: bool, steps: int = 2) -> None:
+    """Run `steps` more steps under torch.profiler and print the `rows` ops with the most self device time
+    (self CPU time for a CPU model)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"profile of {steps} steps, top {rows} by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90))
 
