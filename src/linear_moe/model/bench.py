@@ -22,6 +22,7 @@ import torch
 from linear_moe.model.flops import count_params, flops_per_token
 from linear_moe.model.lm import LinearMoEForCausalLM
 from linear_moe.model.presets import PRESETS, get_preset
+from linear_moe.ops.autotune import MODES, limit_autotune
 
 
 @dataclass
@@ -64,9 +65,13 @@ def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int,
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
     cuda = dev.type == "cuda"
+    for i in range(warmup):  # the first step compiles and autotunes fla's Triton kernels: report its time
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        print(f"  {spec}: warm-up step {i + 1}/{warmup} {time.perf_counter() - t0:.1f} s", flush=True)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,11 +126,15 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--checkpoint-experts", action="store_true",
                    help="recompute only the routed experts in backward (as train.checkpoint_experts)")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (e.g. 32000)")
+    p.add_argument("--autotune", choices=MODES, default="full",
+                   help="Triton configs fla's autotuners try: full (fla's lists), few (three) or one; a cold "
+                        "full autotune of the A0.3B-2B step takes minutes")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile two steps and print the ROWS ops with the most device time")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: the model bench needs a CUDA GPU; --device cpu only smoke-tests the script")
+    limit_autotune(args.autotune)
     cfg = get_preset(args.preset).replace(mixer=args.mixer, layer_pattern=args.layer_pattern,
                                           fuse_linear_cross_entropy=not args.no_fused_ce)
     if args.vocab is not None:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             block.compile()
     print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
           f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
-          f"ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}")
+          f"autotune={args.autotune} ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}")
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
         r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast",
