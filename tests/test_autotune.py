@@ -41,3 +41,24 @@ def test_few_on_short_lists_keeps_distinct_configs():
 def test_unknown_mode_names_the_choices():
     with pytest.raises(ValueError, match="full, few, one"):
         limit_autotune("fast")
+
+
+def test_kernel_pruning_sees_the_full_list_before_the_pick():
+    # fla's GLA backward prunes tiles as large as the head dim unless they are the smallest on the list: picking
+    # first and pruning after could leave nothing (Triton's AutotunerError), pruning first never does
+    from linear_moe.ops import autotune
+
+    def prune_like_fla(configs, nargs, **kwargs):
+        smallest = min(c.kwargs["BV"] for c in configs)
+        return [c for c in configs if c.kwargs["BV"] < kwargs["V"] or c.kwargs["BV"] == smallest]
+
+    configs = [cfg(bv, s, 4) for bv in (32, 64, 128) for s in (2, 3)]
+    old = autotune._mode
+    try:
+        autotune._mode = "few"
+        kept = autotune.pick_after(prune_like_fla)(configs, {}, V=128)  # keeps BV 32, 64
+        assert [key(c) for c in kept] == [(32, 3, 4), (64, 2, 4), (64, 3, 4)]
+        autotune._mode = "one"
+        assert [key(c) for c in autotune.pick_after(prune_like_fla)(configs, {}, V=64)] == [(32, 2, 4)]
+    finally:
+        autotune._mode = old

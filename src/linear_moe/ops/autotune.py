@@ -34,6 +34,15 @@ def pick_configs(configs: list, mode: str) -> list:
     return [ordered[i] for i in picks]
 
 
+def pick_after(prune):
+    """`prune` (a Triton `early_config_prune`) followed by `pick_configs` in the current mode."""
+
+    def pruned_then_picked(configs, nargs, **kwargs):
+        return pick_configs(list(prune(configs, nargs, **kwargs)), _mode)
+
+    return pruned_then_picked
+
+
 def limit_autotune(mode: str) -> None:
     """Make every Triton autotuner created from now on keep `pick_configs(configs, mode)`."""
     global _mode
@@ -49,7 +58,13 @@ def limit_autotune(mode: str) -> None:
         return
 
     def limited_init(self, fn, arg_names, configs, *args, **kwargs):
-        init(self, fn, arg_names, pick_configs(list(configs), _mode), *args, **kwargs)
+        configs = list(configs)
+        init(self, fn, arg_names, configs, *args, **kwargs)
+        prune = getattr(self, "early_config_prune", None)
+        if prune is None:
+            self.configs = pick_configs(configs, _mode)
+        else:  # the kernel's own pruning (shapes, shared memory) sees the full list; we pick among the survivors
+            self.early_config_prune = pick_after(prune)
 
     limited_init._linear_moe_limited = True
     autotuner.Autotuner.__init__ = limited_init
