@@ -292,3 +292,23 @@ def test_bad_config_raises(kwargs):
 def test_unknown_preset_override_raises():
     with pytest.raises(ValueError, match="unknown MoEConfig fields"):
         moe_preset("mixtral", num_expert=4)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_combine_and_its_gradients_equal_a_weighted_index_add(capacity_factor):
+    # reference: out[t] += w(t, e) * y_e(t) over the kept assignments, through autograd's own index_add
+    from linear_moe.moe.dispatch import combine
+
+    torch.manual_seed(5)
+    T, D, E, k = 13, 5, 4, 3
+    experts = torch.rand(T, E).argsort(-1)[:, :k]
+    weights = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    d = dispatch(experts, weights.detach(), E, capacity_factor)
+    assert (d.inverse_Tk is None) == (capacity_factor is not None)
+    y = torch.randn(d.token_N.numel(), D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(T, D, dtype=torch.float64)
+    ours = combine(y, d, weights)
+    want = torch.zeros(T, D, dtype=torch.float64).index_add(0, d.token_N, weights.reshape(-1)[d.slot_N, None] * y)
+    torch.testing.assert_close(ours, want)
+    for a, b in zip(torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g)):
+        torch.testing.assert_close(a, b)

@@ -14,6 +14,9 @@ class Dispatch:
     slot_N: torch.Tensor  # index into the flat [T * k] assignments (for its router weight)
     counts_E: torch.Tensor  # kept assignments per expert (int64)
     top_k: int  # assignments per token (slot_N indexes the flat [T * top_k] assignments)
+    # [T * top_k] position in dispatch order of each flat assignment: the inverse permutation of slot_N when
+    # nothing is dropped (then returning rows to their (token, slot) places is a gather), None when some are
+    inverse_Tk: torch.Tensor | None = None
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -52,40 +55,67 @@ def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: in
         if drop_policy == "weight":  # kept rows back in position order within each expert
             slot_N = slot_N[torch.argsort(flat_N[slot_N] * (T * k) + slot_N)]
         counts_E = counts_E.clamp(max=cap)
-    return Dispatch(slot_N // k, slot_N, counts_E, k)
+        return Dispatch(slot_N // k, slot_N, counts_E, k)
+    inverse_Tk = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(T * k, device=slot_N.device))
+    return Dispatch(slot_N // k, slot_N, counts_E, k, inverse_Tk)
+
+
+def to_slots(y_ND: torch.Tensor, slot_N: torch.Tensor, inverse_Tk: torch.Tensor | None, num_slots: int) -> torch.Tensor:
+    """[N, D] rows in dispatch order -> [T * k, D] in (token, slot) order, zero rows for dropped assignments.
+
+    Dropless (`inverse_Tk` given), a gather by the inverse permutation; with drops, a scatter into zeros. Neither
+    has duplicate indices, so no atomics: deterministic on GPU, and cheaper than autograd's accumulating backward
+    of indexing.
+    """
+    if inverse_Tk is not None:
+        return y_ND.index_select(0, inverse_Tk)
+    return y_ND.new_zeros(num_slots, y_ND.shape[-1]).index_copy_(0, slot_N, y_ND)
+
+
+class _ToSlots(torch.autograd.Function):
+    """`to_slots` with its backward: the gather of the kept slots' gradient rows."""
+
+    @staticmethod
+    def forward(ctx, y_ND, slot_N, inverse_Tk, num_slots: int):
+        ctx.save_for_backward(slot_N)
+        return to_slots(y_ND, slot_N, inverse_Tk, num_slots)
+
+    @staticmethod
+    def backward(ctx, g_TkD: torch.Tensor):
+        (slot_N,) = ctx.saved_tensors
+        return g_TkD.index_select(0, slot_N), None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
     """x[token_N] for the kept assignments, with a deterministic backward that needs no atomics or sort: each
-    gradient row goes back to its (token, slot) place (a scatter without duplicate indices; dropped slots stay
-    zero) and the k slots of each token are summed. Autograd's own backward of `x[idx]` is an accumulating
-    index_put (sort + atomics on GPU)."""
+    gradient row goes back to its (token, slot) place (`to_slots`) and the k slots of each token are summed.
+    Autograd's own backward of `x[idx]` is an accumulating index_put (sort + atomics on GPU)."""
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_N: torch.Tensor, slot_N: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(slot_N)
+    def forward(ctx, x_TD, token_N, slot_N, inverse_Tk, k: int):
+        ctx.save_for_backward(slot_N, inverse_Tk)
         ctx.T, ctx.k = x_TD.shape[0], k
         return x_TD.index_select(0, token_N)
 
     @staticmethod
     def backward(ctx, g_ND: torch.Tensor):
-        (slot_N,) = ctx.saved_tensors
-        g_TkD = g_ND.new_zeros(ctx.T * ctx.k, g_ND.shape[-1]).index_copy_(0, slot_N, g_ND)
-        return g_TkD.view(ctx.T, ctx.k, -1).sum(1), None, None, None
+        slot_N, inverse_Tk = ctx.saved_tensors
+        g_TkD = to_slots(g_ND, slot_N, inverse_Tk, ctx.T * ctx.k)
+        return g_TkD.view(ctx.T, ctx.k, -1).sum(1), None, None, None, None
 
 
 def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """[T, D] -> [N, D]: the source token row of every kept assignment, in dispatch (expert-sorted) order."""
-    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.top_k)
+    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.inverse_Tk, d.top_k)
 
 
 def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
     """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
 
-    The rows go back to their (token, slot) places with a scatter that has no duplicate indices (no atomics, so the
-    result is deterministic on GPU), dropped slots stay zero, and one batched [1, k] x [k, D] product per token
-    applies the router weights and sums over the k experts.
+    The rows go back to their (token, slot) places (`to_slots`: a gather when nothing is dropped, dropped slots
+    zero otherwise), and one batched [1, k] x [k, D] product per token applies the router weights and sums over
+    the k experts.
     """
     T, k = weights_TK.shape
-    y_TkD = y_ND.new_zeros(T * k, y_ND.shape[-1]).index_copy_(0, d.slot_N, y_ND).view(T, k, -1)
+    y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
     return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
