@@ -119,11 +119,12 @@ def test_finetune_from_checkpoint(trained_run, tmp_path):
         (["train.nope=1"], "unknown config key 'train.nope'"),
         (["model.preset=nope"], "unknown model preset 'nope'"),
         (["train.schedule=linear"], "unknown train.schedule 'linear'; choose one of cosine, wsd"),
+        (["train.autotune=fast"], "unknown train.autotune 'fast'; choose one of full, few, one"),
         (["data.seq_len=1000", "data.inputs=[SHORT]"], "sequence length 1000 is longer than the data"),
         (["data.inputs=[EMPTY]"], "no text found"),
         (["data.inputs=[MISSING]"], "MISSING"),
     ],
-    ids=["unknown-key", "unknown-preset", "bad-schedule", "seq-len-too-long", "empty-data", "missing-data"],
+    ids=["unknown-key", "unknown-preset", "bad-schedule", "bad-autotune", "seq-len-too-long", "empty-data", "missing-data"],
 )
 def test_bad_train_inputs(args, match, corpus, tmp_path):
     (tmp_path / "empty.txt").write_text("")

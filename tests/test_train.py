@@ -265,3 +265,14 @@ def test_checkpoint_experts_trains_like_plain(tiny_data, tmp_path):
     _, ck = tiny_run(tmp_path / "b", tiny_data, "train.steps=2", "train.checkpoint_experts=true")
     plain.fit(), ck.fit()
     assert _train_losses(ck) == pytest.approx(_train_losses(plain), rel=1e-5)
+
+
+def test_train_autotune_limits_fla_autotuning(tiny_data, tmp_path, monkeypatch):
+    # the trainer hands train.autotune to ops.autotune before any kernel runs ("full" leaves it untouched)
+    from linear_moe.ops import autotune
+
+    monkeypatch.setattr(autotune, "_mode", "full")
+    tiny_run(tmp_path / "a", tiny_data, "train.steps=1")
+    assert autotune._mode == "full"
+    tiny_run(tmp_path / "b", tiny_data, "train.steps=1", "train.autotune=few")
+    assert autotune._mode == "few"

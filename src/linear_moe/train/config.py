@@ -26,6 +26,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, from_dict, to_dict
 from ..model import ModelConfig, get_preset
 from ..moe import MoEConfig
+from ..ops.autotune import MODES as AUTOTUNE_MODES
 from .schedule import SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +68,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (non-reentrant)
     checkpoint_experts: bool = False  # recompute only the routed experts in backward (their activations dominate)
     compile: bool = False  # torch.compile each block
+    autotune: str = "full"  # Triton configs fla's autotuners try: full (fla's lists) | few (three) | one
     log_every: int = 10  # steps between training log records
     eval_every: int = 300  # steps between validation losses (0 = only at the end)
     eval_batches: int = 4  # micro-batches per validation loss
@@ -183,6 +185,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     tc = cfg.train
     choices = {"train.schedule": (tc.schedule, SCHEDULES), "train.dtype": (tc.dtype, DTYPES)}
     choices["train.device"] = (tc.device, DEVICES)
+    choices["train.autotune"] = (tc.autotune, AUTOTUNE_MODES)
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")

@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.autotune import limit_autotune
 from . import checkpoint as ckpt
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
@@ -128,6 +129,8 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.train
         self.device = resolve_device(self.tc.device)
         self.amp_dtype = autocast_dtype(self.tc.dtype, self.device)
+        if self.tc.autotune != "full":  # before the first fla kernel call imports fla's kernel modules
+            limit_autotune(self.tc.autotune)
         self.model = parallelize(model, self.device)
         if self.tc.activation_checkpointing:
             apply_activation_checkpointing(self.model)
