@@ -276,3 +276,11 @@ def test_train_autotune_limits_fla_autotuning(tiny_data, tmp_path, monkeypatch):
     assert autotune._mode == "full"
     tiny_run(tmp_path / "b", tiny_data, "train.steps=1", "train.autotune=few")
     assert autotune._mode == "few"
+
+
+def test_first_step_note_on_cuda_only():
+    from linear_moe.train.run import first_step_note
+
+    assert first_step_note("cpu", "full") is None
+    assert "train.autotune=few" in first_step_note("cuda", "full")
+    assert "train.autotune=one" in first_step_note("cuda", "one")

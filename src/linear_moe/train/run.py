@@ -117,11 +117,24 @@ def describe(cfg: RunConfig, n_tokens: int) -> str:
     )
 
 
+def first_step_note(device_type: str, autotune: str) -> str | None:
+    """What to expect of the first step: on CUDA, fla's kernels compile and (fully) autotune then."""
+    if device_type != "cuda":
+        return None
+    if autotune == "full":
+        return ("note: the first steps compile and autotune fla's Triton kernels (several minutes on a cold machine; "
+                "train.autotune=few bounds it)")
+    return f"note: the first steps compile fla's Triton kernels (train.autotune={autotune})"
+
+
 def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path: Path) -> Trainer:
     """Prepare the run directory, build the model and its Trainer (shared by pretraining and finetuning)."""
     config_yaml = _prepare_run_dir(cfg, resume_from)
-    return Trainer(cfg, build_model(cfg), ds, ds.val, config_yaml=config_yaml, flops_per_token=_flops(cfg),
-                   extra_files={TOKENIZER_FILE: tokenizer_path})
+    trainer = Trainer(cfg, build_model(cfg), ds, ds.val, config_yaml=config_yaml, flops_per_token=_flops(cfg),
+                      extra_files={TOKENIZER_FILE: tokenizer_path})
+    if (text := first_step_note(trainer.device.type, cfg.train.autotune)) is not None:
+        note(text)
+    return trainer
 
 
 def _flops(cfg: RunConfig) -> float | None:
