@@ -5,6 +5,9 @@
 # Env: SHAPES ("16x2048"), BENCH_TIMEOUT (240 s per mixer), BENCH_AUTOTUNE ("few": three Triton configs per fla
 # kernel; a cold "full" autotune of the whole step outlasted 265 s), BENCH_ARGS (e.g. "--compile", "--precision
 # bf16"), BENCH_TAG (log name suffix). A timed-out bench gets SIGINT, so its log shows where it was.
+# Autotune results (Triton's *.autotune.json, kilobytes; env.sh sets TRITON_CACHE_AUTOTUNING=1) go to
+# $OUT/triton-cache.tar.gz: copy it to .gpu/ and the next machine's env.sh restores them, so a BENCH_AUTOTUNE=full
+# run there compiles only each kernel's best config instead of autotuning from cold.
 source .gpu/env.sh
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -18,3 +21,5 @@ for m in "${@:-gated_deltanet gla}"; do
     echo "== $mixer: $(grep -E 'warm-up|tokens/s' "$log" | tr '\n' ' ') $(grep -m1 -E 'Error' "$log")"
   done
 done
+(cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' | tar czf "$OUT/triton-cache.tar.gz" -T - \
+  && echo "autotune results: $(tar tzf "$OUT/triton-cache.tar.gz" | wc -l) files -> triton-cache.tar.gz")
