@@ -310,5 +310,5 @@ def test_combine_and_its_gradients_equal_a_weighted_index_add(capacity_factor):
     ours = combine(y, d, weights)
     want = torch.zeros(T, D, dtype=torch.float64).index_add(0, d.token_N, weights.reshape(-1)[d.slot_N, None] * y)
     torch.testing.assert_close(ours, want)
-    for a, b in zip(torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g)):
+    for a, b in zip(torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g), strict=True):
         torch.testing.assert_close(a, b)
