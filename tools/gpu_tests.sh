@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the GPU test suite on a CUDA machine (the H200 device machine: run from the repo root after
-# `source .gpu/env.sh`). Results and the Triton cache go to $OUT when it is set. GPU_TEST_TIMEOUT ends pytest with
+# Run the GPU test suite on a CUDA machine (the H200 device machine: from the repo root; it sources .gpu/env.sh when
+# the bundle is there). Results and the Triton cache go to $OUT when it is set. GPU_TEST_TIMEOUT ends pytest with
 # SIGINT, so it still prints the failures so far.
+[ -f .gpu/env.sh ] && source .gpu/env.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
