@@ -120,11 +120,12 @@ def test_finetune_from_checkpoint(trained_run, tmp_path):
         (["model.preset=nope"], "unknown model preset 'nope'"),
         (["train.schedule=linear"], "unknown train.schedule 'linear'; choose one of cosine, wsd"),
         (["train.autotune=fast"], "unknown train.autotune 'fast'; choose one of full, few, one"),
+        (["model.num_heads=5"], "num_heads=5 must divide hidden_size"),
         (["data.seq_len=1000", "data.inputs=[SHORT]"], "sequence length 1000 is longer than the data"),
         (["data.inputs=[EMPTY]"], "no text found"),
         (["data.inputs=[MISSING]"], "MISSING"),
     ],
-    ids=["unknown-key", "unknown-preset", "bad-schedule", "bad-autotune", "seq-len-too-long", "empty-data", "missing-data"],
+    ids=["unknown-key", "unknown-preset", "bad-schedule", "bad-autotune", "bad-heads", "seq-len-too-long", "empty-data", "missing-data"],
 )
 def test_bad_train_inputs(args, match, corpus, tmp_path):
     (tmp_path / "empty.txt").write_text("")
@@ -138,6 +139,8 @@ def test_bad_train_inputs(args, match, corpus, tmp_path):
         args = [a.replace(k, v) for a in args]
     res = cli("train", f"train.run_dir={tmp_path / 'run'}", *SMALL, *args)
     assert_usage_error(res, match)
+    # nothing but prepared data is left behind: the same run_dir works once the input is fixed
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_prepare_then_train_on_it(corpus, tmp_path):

@@ -128,10 +128,16 @@ def first_step_note(device_type: str, autotune: str) -> str | None:
 
 
 def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path: Path) -> Trainer:
-    """Prepare the run directory, build the model and its Trainer (shared by pretraining and finetuning)."""
-    config_yaml = _prepare_run_dir(cfg, resume_from)
+    """Build the model and its Trainer, then write the run directory's config (shared by pretraining and
+    finetuning). A config that cannot build (bad head count, no CUDA, ...) fails before anything is written, so
+    the same run_dir works again once it is fixed."""
+    _check_run_dir(cfg, resume_from)
+    config_yaml = run_config_yaml(cfg)
     trainer = Trainer(cfg, build_model(cfg), ds, ds.val, config_yaml=config_yaml, flops_per_token=_flops(cfg),
                       extra_files={TOKENIZER_FILE: tokenizer_path})
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ckpt.CONFIG).write_text(config_yaml)
     if (text := first_step_note(trainer.device.type, cfg.train.autotune)) is not None:
         note(text)
     return trainer
@@ -143,18 +149,13 @@ def _flops(cfg: RunConfig) -> float | None:
     return float(flops_per_token(cfg.model, cfg.data.seq_len))
 
 
-def _prepare_run_dir(cfg: RunConfig, resume_from: Path | None) -> str:
-    """Check a continued run's stored config, then write the merged config; returns its YAML."""
-    run_dir = Path(cfg.train.run_dir)
-    stored = run_dir / ckpt.CONFIG
+def _check_run_dir(cfg: RunConfig, resume_from: Path | None) -> None:
+    """A continued run must keep the model and data of its stored config (and of the checkpoint it resumes)."""
+    stored = Path(cfg.train.run_dir) / ckpt.CONFIG
     if stored.is_file() and cfg.train.resume != "none":
-        check_same_model_and_data(stored.read_text(), cfg, f"run directory {run_dir}")
+        check_same_model_and_data(stored.read_text(), cfg, f"run directory {cfg.train.run_dir}")
     if resume_from is not None:
         check_same_model_and_data(ckpt.read_config_text(resume_from), cfg, f"checkpoint {resume_from}", ("model",))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = run_config_yaml(cfg)
-    stored.write_text(text)
-    return text
 
 
 def _finish(cfg: RunConfig, trainer: Trainer, summary: dict[str, Any], tokenizer_path: Path, chat: bool) -> None:
