@@ -143,17 +143,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     model = LinearMoEForCausalLM(cfg).to(args.device)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
-    if args.activation_checkpointing:
-        from linear_moe.train.trainer import apply_activation_checkpointing
+    from linear_moe.train.trainer import apply_step_options
 
-        apply_activation_checkpointing(model)
-    elif args.checkpoint_experts:
-        from linear_moe.train.trainer import apply_expert_checkpointing
-
-        apply_expert_checkpointing(model)
-    if args.compile:
-        for block in model.layers:
-            block.compile()
+    apply_step_options(model, args.activation_checkpointing, args.checkpoint_experts, args.compile)
     print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
           f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
           f"autotune={args.autotune} ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}")

@@ -99,6 +99,19 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
+def apply_step_options(model: nn.Module, activation_checkpointing: bool, checkpoint_experts: bool,
+                       compile: bool) -> None:
+    """The recomputation and compilation options of `train` (and `bench model`), in place: whole-block
+    activation checkpointing, else checkpointing of the routed experts only (the block already covers them),
+    then torch.compile of each block."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    elif checkpoint_experts:
+        apply_expert_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+
+
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     return list(model.moe_layers()) if hasattr(model, "moe_layers") else []
 
@@ -132,12 +145,7 @@ class Trainer:
         if self.tc.autotune != "full":  # before the first fla kernel call imports fla's kernel modules
             limit_autotune(self.tc.autotune)
         self.model = parallelize(model, self.device)
-        if self.tc.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        elif self.tc.checkpoint_experts:  # whole-block recomputation already covers the experts
-            apply_expert_checkpointing(self.model)
-        if self.tc.compile:
-            compile_blocks(self.model)
+        apply_step_options(self.model, self.tc.activation_checkpointing, self.tc.checkpoint_experts, self.tc.compile)
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
         self.data, self.val_data = data, val_data
         self.run_dir = Path(self.tc.run_dir)
