@@ -8,6 +8,7 @@ from torch import nn
 
 from linear_moe.ops import varlen
 from linear_moe.ops.conv import causal_conv1d, conv1d_with_context
+from linear_moe.ops.norm import ACTIVATIONS as NORM_ACTIVATIONS
 from linear_moe.ops.norm import rms_norm_gated
 
 
@@ -31,8 +32,8 @@ class GatedRMSNorm(RMSNorm):
 
     def __init__(self, dim: int, eps: float = 1e-6, activation: str = "swish"):
         super().__init__(dim, eps)
-        if activation not in ("swish", "sigmoid"):
-            raise ValueError(f"GatedRMSNorm: activation must be 'swish' or 'sigmoid', got {activation!r}")
+        if activation not in NORM_ACTIVATIONS:
+            raise ValueError(f"GatedRMSNorm: activation must be one of {NORM_ACTIVATIONS}, got {activation!r}")
         self.activation = activation
 
     def forward(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
