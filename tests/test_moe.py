@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.moe import MoEConfig, MoELayer, balance, grouped_matmul, moe_param_counts, moe_preset, route
-from linear_moe.moe.dispatch import dispatch
+from linear_moe.moe.dispatch import dispatch, gather_rows
 from linear_moe.moe.experts import grouped_mm_supported
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
@@ -292,6 +292,21 @@ def test_bad_config_raises(kwargs):
 def test_unknown_preset_override_raises():
     with pytest.raises(ValueError, match="unknown MoEConfig fields"):
         moe_preset("mixtral", num_expert=4)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_gather_rows_backward_equals_autograd_indexing(capacity_factor):
+    torch.manual_seed(4)
+    T, D, E, k = 11, 6, 4, 3
+    experts = torch.rand(T, E).argsort(-1)[:, :k]
+    weights = torch.rand(T, k)
+    d = dispatch(experts, weights, E, capacity_factor)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(d.token_N.numel(), D, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(gather_rows(x, d), x, g)
+    (want,) = torch.autograd.grad(x[d.token_N], x, g)
+    torch.testing.assert_close(gather_rows(x, d), x[d.token_N])
+    torch.testing.assert_close(ours, want)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
