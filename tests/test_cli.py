@@ -125,7 +125,16 @@ def test_finetune_from_checkpoint(trained_run, tmp_path):
         (["data.inputs=[EMPTY]"], "no text found"),
         (["data.inputs=[MISSING]"], "MISSING"),
     ],
-    ids=["unknown-key", "unknown-preset", "bad-schedule", "bad-autotune", "bad-heads", "seq-len-too-long", "empty-data", "missing-data"],
+    ids=[
+        "unknown-key",
+        "unknown-preset",
+        "bad-schedule",
+        "bad-autotune",
+        "bad-heads",
+        "seq-len-too-long",
+        "empty-data",
+        "missing-data",
+    ],
 )
 def test_bad_train_inputs(args, match, corpus, tmp_path):
     (tmp_path / "empty.txt").write_text("")
@@ -212,8 +221,24 @@ def test_help_comes_from_docstrings():
 
 def test_bench_model_smoke_on_cpu():
     """`linear-moe bench model` forwards its arguments; on CPU it only smoke-tests the step (no timing claims)."""
-    res = cli("bench", "model", "--device", "cpu", "--preset", "debug-qwen2-moe", "--mixer", "gated_deltanet",
-              "--shape", "2x16", "--shape", "2x16:packed", "--steps", "1", "--warmup", "0")
+    res = cli(
+        "bench",
+        "model",
+        "--device",
+        "cpu",
+        "--preset",
+        "debug-qwen2-moe",
+        "--mixer",
+        "gated_deltanet",
+        "--shape",
+        "2x16",
+        "--shape",
+        "2x16:packed",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    )
     assert res.returncode == 0, res.stderr
     assert "2x16:" in res.stdout and "2x16:packed:" in res.stdout and "tokens/s" in res.stdout
 

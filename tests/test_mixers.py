@@ -23,8 +23,10 @@ VARIANTS = {
     "retnet+conv+gqa": ("retnet", dict(use_short_conv=True, num_kv_heads=1)),
     "gla+conv+gqa+relu": ("gla", dict(use_short_conv=True, num_kv_heads=1, feature_map="relu", clamp_min=-1.0)),
     "lightning_attn+conv+layers": ("lightning_attn", dict(use_short_conv=True, num_layers=4)),
-    "linear_attn+norm+hedgehog+conv": ("linear_attn", dict(do_feature_map_norm=True, feature_map="hedgehog",
-                                                           use_short_conv=True)),
+    "linear_attn+norm+hedgehog+conv": (
+        "linear_attn",
+        dict(do_feature_map_norm=True, feature_map="hedgehog", use_short_conv=True),
+    ),
     "based+conv": ("based", dict(use_short_conv=True, feature_dim=4)),
     "attention+gqa+qknorm": ("attention", dict(num_kv_heads=1, qk_norm=True, rotary_dim=8)),
     "gated_deltanet+gva": ("gated_deltanet", dict(num_v_heads=4, expand_v=1.0)),
@@ -55,8 +57,8 @@ def doc_state(state: dict, n: int) -> dict:
     """Row `n` of a state, as a batch of one; attention's padded KV slots (`valid` False) are dropped."""
     if "valid" in state:
         keep = state["valid"][n]
-        return {k: state[k][n: n + 1][:, :, keep] for k in ("k", "v")}
-    return {k: s[n: n + 1] for k, s in state.items()}
+        return {k: state[k][n : n + 1][:, :, keep] for k in ("k", "v")}
+    return {k: s[n : n + 1] for k, s in state.items()}
 
 
 def states_close(a: dict, b: dict) -> None:
@@ -118,7 +120,7 @@ def test_step_by_step_decoding_equals_full_forward(name, opts):
     y_pre, s = m(x[:, :9], use_cache=True)
     ys = [y_pre]
     for t in range(9, 16):
-        y_t, s = m(x[:, t: t + 1], state=s)
+        y_t, s = m(x[:, t : t + 1], state=s)
         ys.append(y_t)
     close(torch.cat(ys, 1), y_full)
     states_close(s, s_full)
@@ -322,8 +324,9 @@ def test_bad_options_are_value_errors():
     with pytest.raises(ValueError, match="state is missing"):
         build_mixer("retnet", D, H)(torch.randn(1, 3, D), state={"recurrent": torch.zeros(1, H, 16, 32)})
     with pytest.raises(ValueError, match=r"state\['k'\] has shape"):
-        build_mixer("attention", D, H)(torch.randn(2, 3, D), state={"k": torch.zeros(1, H, 4, 16),
-                                                                     "v": torch.zeros(1, H, 4, 16)})
+        build_mixer("attention", D, H)(
+            torch.randn(2, 3, D), state={"k": torch.zeros(1, H, 4, 16), "v": torch.zeros(1, H, 4, 16)}
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))

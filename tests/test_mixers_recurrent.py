@@ -48,7 +48,11 @@ def delta_loop(q, k, v, beta, alpha=None):
         if alpha is not None:
             S = alpha[:, t, :, None, None] * S
         kt, bt = k[:, t], beta[:, t, :, None]
-        S = S - bt[..., None] * (S @ kt[..., None]) @ kt[:, :, None, :] + bt[..., None] * v[:, t, ..., None] * kt[:, :, None]
+        S = (
+            S
+            - bt[..., None] * (S @ kt[..., None]) @ kt[:, :, None, :]
+            + bt[..., None] * v[:, t, ..., None] * kt[:, :, None]
+        )
         out.append((S @ q[:, t, ..., None])[..., 0] * K**-0.5)
     return torch.stack(out, 1)
 
@@ -110,8 +114,10 @@ def test_mamba2_equals_ssd_recurrence(norm_before_gate):
     for t in range(T):
         for j in range(nh):
             grp = j // (nh // G)
-            h[:, j] = torch.exp(dt[:, t, j, None, None] * A[j]) * h[:, j] + \
-                dt[:, t, j, None, None] * xs[:, t, j, :, None] * b[:, t, grp, None, :]
+            h[:, j] = (
+                torch.exp(dt[:, t, j, None, None] * A[j]) * h[:, j]
+                + dt[:, t, j, None, None] * xs[:, t, j, :, None] * b[:, t, grp, None, :]
+            )
         y_t = torch.stack([(h[:, j] @ c[:, t, j // (nh // G), :, None])[..., 0] for j in range(nh)], 1)
         ys.append(y_t + m.D.view(nh, P) * xs[:, t])
     y = torch.stack(ys, 1).flatten(-2)
@@ -131,9 +137,11 @@ def test_rwkv6_equals_finch_recurrence():
     lora = torch.tanh(m.x_proj[0].linear(x + dx * m.x_proj[0].mu))
     W2 = m.x_proj[2].weight
     R = m.proj_low_rank_dim
-    mus = [lora[..., i * R:(i + 1) * R] @ W2[:, i * R:(i + 1) * R].T + m.x_bias[i] for i in range(5)]
-    r, w, k, v, g = (proj.linear(x + dx * mu) for proj, mu in zip(
-        (m.r_proj, m.w_proj, m.k_proj, m.v_proj, m.g_proj), mus, strict=True))
+    mus = [lora[..., i * R : (i + 1) * R] @ W2[:, i * R : (i + 1) * R].T + m.x_bias[i] for i in range(5)]
+    r, w, k, v, g = (
+        proj.linear(x + dx * mu)
+        for proj, mu in zip((m.r_proj, m.w_proj, m.k_proj, m.v_proj, m.g_proj), mus, strict=True)
+    )
     K, V = m.head_k_dim, m.head_v_dim
     r, k, decay, v = heads(r, K), heads(k, K), torch.exp(-torch.exp(heads(w, K))), heads(v, V)
     S = torch.zeros(2, H, K, V)
@@ -164,7 +172,11 @@ def test_rwkv7_equals_goose_recurrence():
     out = []
     for t in range(T):
         sa = S @ (-kk[:, t, ..., None])  # [B, H, V, 1]
-        S = S * decay[:, t, :, None, :] + sa @ (kk[:, t] * a[:, t])[:, :, None, :] + v[:, t, ..., None] * k[:, t, :, None, :]
+        S = (
+            S * decay[:, t, :, None, :]
+            + sa @ (kk[:, t] * a[:, t])[:, :, None, :]
+            + v[:, t, ..., None] * k[:, t, :, None, :]
+        )
         out.append((S @ r[:, t, ..., None])[..., 0])
     o = torch.stack(out, 1)
     mean, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
@@ -233,8 +245,14 @@ def test_token_shift_reads_state_rows_not_previous_document():
 
 @pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])
 def test_rwkv_packed_documents_do_not_leak(name):
-    m = build(name, **({"proj_low_rank_dim": 3, "gate_low_rank_dim": 5} if name == "rwkv6" else
-                       {"decay_low_rank_dim": 4, "a_low_rank_dim": 4, "gate_low_rank_dim": 6}))
+    m = build(
+        name,
+        **(
+            {"proj_low_rank_dim": 3, "gate_low_rank_dim": 5}
+            if name == "rwkv6"
+            else {"decay_low_rank_dim": 4, "a_low_rank_dim": 4, "gate_low_rank_dim": 6}
+        ),
+    )
     a, b = torch.randn(1, 5, D), torch.randn(1, 6, D)
     cu = torch.tensor([0, 5, 11])
     y = m(torch.cat([a, b], 1), cu_seqlens=cu)[0]
@@ -243,13 +261,20 @@ def test_rwkv_packed_documents_do_not_leak(name):
     torch.testing.assert_close(y[:, 5:], m(b)[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name, opts", [
-    ("deltanet", {"qk_activation": "tanh"}), ("deltanet", {"qk_norm": "l1"}),
-    ("gated_deltanet", {"output_gate_activation": "gelu"}), ("gated_deltanet", {"num_v_heads": 3}),
-    ("mamba2", {"n_groups": 3}),
-    ("rwkv6", {"gate_fn": "softmax"}), ("rwkv6", {"expand_k": 0.3}), ("hgrn", {"expand_ratio": 0}),
-    ("hgrn2", {"expand_ratio": 0}),
-])
+@pytest.mark.parametrize(
+    "name, opts",
+    [
+        ("deltanet", {"qk_activation": "tanh"}),
+        ("deltanet", {"qk_norm": "l1"}),
+        ("gated_deltanet", {"output_gate_activation": "gelu"}),
+        ("gated_deltanet", {"num_v_heads": 3}),
+        ("mamba2", {"n_groups": 3}),
+        ("rwkv6", {"gate_fn": "softmax"}),
+        ("rwkv6", {"expand_k": 0.3}),
+        ("hgrn", {"expand_ratio": 0}),
+        ("hgrn2", {"expand_ratio": 0}),
+    ],
+)
 def test_bad_options_raise(name, opts):
     with pytest.raises(ValueError, match=next(iter(opts))):
         build_mixer(name, D, H, **opts)

@@ -34,8 +34,9 @@ def unique_numel(model: torch.nn.Module) -> int:
 
 
 def test_config_yaml_round_trip(tmp_path):
-    cfg = get_preset("debug-dense").replace(layer_pattern="LN", mixer="gla", mixer_kwargs={"expand_k": 0.5},
-                                            num_kv_heads=2, tie_embeddings=True)
+    cfg = get_preset("debug-dense").replace(
+        layer_pattern="LN", mixer="gla", mixer_kwargs={"expand_k": 0.5}, num_kv_heads=2, tie_embeddings=True
+    )
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     save_yaml(cfg, tmp_path / "m.yaml")
     assert load_yaml(tmp_path / "m.yaml", ModelConfig) == cfg
@@ -59,7 +60,10 @@ def test_layer_pattern():
     cfg = ModelConfig(num_layers=12, mixer="gla", layer_pattern="LLLN")
     assert cfg.layer_mixers() == ["gla", "gla", "gla", "attention"] * 3
     assert ModelConfig(num_layers=3, mixer="retnet", layer_pattern="NLN").layer_mixers() == [
-        "attention", "retnet", "attention"]
+        "attention",
+        "retnet",
+        "attention",
+    ]
     with pytest.raises(ValueError, match="unknown letters \\['X'\\].*L = .*N = "):
         ModelConfig(num_layers=4, layer_pattern="LLXN")
     with pytest.raises(ValueError, match="tile them exactly"):
@@ -70,8 +74,15 @@ def test_layer_pattern():
 
 def test_parameter_names_hf_mappable():
     names = {n for n, _ in build(tiny()).named_parameters()}
-    for want in ("embed_tokens.weight", "layers.0.attn_norm.weight", "layers.0.mixer.q_proj.weight",
-                 "layers.1.ffn_norm.weight", "layers.1.ffn.down_proj.weight", "norm.weight", "lm_head.weight"):
+    for want in (
+        "embed_tokens.weight",
+        "layers.0.attn_norm.weight",
+        "layers.0.mixer.q_proj.weight",
+        "layers.1.ffn_norm.weight",
+        "layers.1.ffn.down_proj.weight",
+        "norm.weight",
+        "lm_head.weight",
+    ):
         assert want in names
 
 
@@ -146,7 +157,7 @@ def test_prefill_and_decode_equal_full_forward(mixer):
         out = model(ids[:, 5:9], states=out.states)
         pieces.append(out.logits)
         for t in range(9, 12):
-            out = model(ids[:, t:t + 1], states=out.states, use_cache=True)
+            out = model(ids[:, t : t + 1], states=out.states, use_cache=True)
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
@@ -185,7 +196,9 @@ def _check_counts(cfg: ModelConfig) -> None:
     tie = cfg.tie_embeddings
     model = build(cfg)
     assert count_params(cfg) == unique_numel(model)
-    assert count_params(cfg, embeddings=False) == unique_numel(model) - (0 if tie else model.embed_tokens.weight.numel())
+    assert count_params(cfg, embeddings=False) == unique_numel(model) - (
+        0 if tie else model.embed_tokens.weight.numel()
+    )
 
 
 def _forward_flops(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, int]:
@@ -237,8 +250,10 @@ def test_moe_forward_flops_match_flop_counter(family, mixer):
     model = build(cfg).eval()
     B, T = 2, 64
     ids = torch.randint(0, cfg.vocab_size, (B, T))
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten._grouped_mm: _grouped_mm_flops}) as fc:
+    with (
+        torch.no_grad(),
+        FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as fc,
+    ):
         out = model(ids)
     counts = {str(op): int(n) for op, n in fc.get_flop_counts()["Global"].items()}
     assert out.expert_load.sum() == B * T * cfg.moe.top_k * len(model.moe_layers())
@@ -252,8 +267,9 @@ def test_moe_layers_and_expert_load(family):
     cfg = tiny(family, num_layers=3)
     model = build(cfg)
     moe = model.moe_layers()
-    assert len(moe) == cfg.num_layers - cfg.first_k_dense and all(m is b.ffn for m, b in zip(
-        moe, model.layers[cfg.first_k_dense:], strict=True))
+    assert len(moe) == cfg.num_layers - cfg.first_k_dense and all(
+        m is b.ffn for m, b in zip(moe, model.layers[cfg.first_k_dense :], strict=True)
+    )
     seen = []
     for m in moe:
         m.register_forward_hook(lambda mod, args, output: seen.append(output[1]))
@@ -285,7 +301,10 @@ def test_presets_match_published_sizes():
             model = LinearMoEForCausalLM(cfg)
         assert count_params(cfg) == unique_numel(model)
         vocab = cfg.vocab_size * cfg.hidden_size
-        total, active = count_params(cfg, embeddings=False) - vocab, count_params(cfg, active=True, embeddings=False) - vocab
+        total, active = (
+            count_params(cfg, embeddings=False) - vocab,
+            count_params(cfg, active=True, embeddings=False) - vocab,
+        )
         assert abs(total / 1e9 - total_b) / total_b < 0.1, (name, total)
         assert abs(active / 1e9 - active_b) / active_b < 0.1, (name, active)
         dense = get_preset(name.split("-")[0] + "-dense")
@@ -317,7 +336,7 @@ def test_rwkv7_value_residual_prefill_and_decode_equal_full_forward():
         steps = [out.logits]
         states = out.states
         for t in range(7, 12):
-            out = model(ids[:, t:t + 1], states=states)
+            out = model(ids[:, t : t + 1], states=states)
             steps.append(out.logits)
             states = out.states
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)

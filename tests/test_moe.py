@@ -24,7 +24,7 @@ def tiny(family: str, **kw) -> MoEConfig:
 def loop_matmul(x_NK, w_EKM, counts_E):
     out, start = [], 0
     for e, c in enumerate(counts_E.tolist()):
-        out.append(x_NK[start:start + c] @ w_EKM[e])
+        out.append(x_NK[start : start + c] @ w_EKM[e])
         start += c
     return torch.cat(out)
 
@@ -129,7 +129,7 @@ def test_group_limited_never_outside_kept_groups(group_score):
     r = route(logits, cfg)
     s = torch.sigmoid(logits)
     for t in range(64):
-        per_group = [sorted(s[t, 4 * g:4 * g + 4].tolist(), reverse=True) for g in range(4)]
+        per_group = [sorted(s[t, 4 * g : 4 * g + 4].tolist(), reverse=True) for g in range(4)]
         score = [v[0] if group_score == "max" else v[0] + v[1] for v in per_group]
         kept = sorted(range(4), key=lambda g: -score[g])[:2]
         assert {e // 4 for e in r.experts_TK[t].tolist()} <= set(kept)
@@ -274,16 +274,19 @@ def test_config_round_trip_and_counts():
     assert moe_preset("qwen2_moe", expert_ffn_hidden_size=352).shared_expert_ffn_hidden_size == 1408
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(family="mixtral", num_experts=4, top_k=5),
-    dict(family="deepseek_v2", num_experts=8, n_group=3),
-    dict(family="switch"),
-    dict(family="mixtral", score_func="relu"),
-    dict(family="mixtral", num_experts=8, top_k=4, n_group=4, topk_group=1),
-    dict(family="mixtral", num_experts=8, num_devices=3),
-    dict(family="mixtral", capacity_factor=0.0),
-    dict(family="mixtral", drop_policy="random"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(family="mixtral", num_experts=4, top_k=5),
+        dict(family="deepseek_v2", num_experts=8, n_group=3),
+        dict(family="switch"),
+        dict(family="mixtral", score_func="relu"),
+        dict(family="mixtral", num_experts=8, top_k=4, n_group=4, topk_group=1),
+        dict(family="mixtral", num_experts=8, num_devices=3),
+        dict(family="mixtral", capacity_factor=0.0),
+        dict(family="mixtral", drop_policy="random"),
+    ],
+)
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError):
         MoEConfig(**kwargs)
@@ -325,5 +328,7 @@ def test_combine_and_its_gradients_equal_a_weighted_index_add(capacity_factor):
     ours = combine(y, d, weights)
     want = torch.zeros(T, D, dtype=torch.float64).index_add(0, d.token_N, weights.reshape(-1)[d.slot_N, None] * y)
     torch.testing.assert_close(ours, want)
-    for a, b in zip(torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g), strict=True
+    ):
         torch.testing.assert_close(a, b)

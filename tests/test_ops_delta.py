@@ -18,8 +18,9 @@ def shape_id(s: tuple[int, ...]) -> str:
     return "B{}-T{}-H{}-K{}-V{}".format(*s)
 
 
-def make_inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype = torch.float64,
-                seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(
+    family: str, B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Keyword inputs of `chunk_<family>` (q/k/v or r/w/k/v/a/b), strong gates, l2-normalised keys."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -32,8 +33,14 @@ def make_inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype: torc
     k = F.normalize(rnd(B, T, H, K), dim=-1)
     if family == "rwkv7":
         kk = F.normalize(rnd(B, T, H, K), dim=-1)
-        return dict(r=rnd(B, T, H, K), w=-0.6 * uni(B, T, H, K), k=rnd(B, T, H, K) * 0.5, v=rnd(B, T, H, V),
-                    a=-kk, b=kk * uni(B, T, H, K))
+        return dict(
+            r=rnd(B, T, H, K),
+            w=-0.6 * uni(B, T, H, K),
+            k=rnd(B, T, H, K) * 0.5,
+            v=rnd(B, T, H, V),
+            a=-kk,
+            b=kk * uni(B, T, H, K),
+        )
     x = dict(q=rnd(B, T, H, K), k=k, v=rnd(B, T, H, V))
     if family == "gated_delta_rule":
         x["g"] = -5.0 * uni(B, T, H)
@@ -41,8 +48,9 @@ def make_inputs(family: str, B: int, T: int, H: int, K: int, V: int, dtype: torc
     return x
 
 
-def reference(family: str, x: dict[str, torch.Tensor], scale: float, h0: torch.Tensor | None,
-              l2norm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    family: str, x: dict[str, torch.Tensor], scale: float, h0: torch.Tensor | None, l2norm: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token recurrence in float64, state [B, H, K, V]."""
     x = {n: t.double() for n, t in x.items()}
     if family == "rwkv7":
@@ -57,8 +65,11 @@ def reference(family: str, x: dict[str, torch.Tensor], scale: float, h0: torch.T
     for t in range(T):
         if family == "rwkv7":
             sa = torch.einsum("bhk,bhkv->bhv", x["a"][:, t], S)
-            S = (x["w"][:, t].exp()[..., None] * S + x["b"][:, t, :, :, None] * sa[:, :, None, :]
-                 + k[:, t, :, :, None] * v[:, t, :, None, :])
+            S = (
+                x["w"][:, t].exp()[..., None] * S
+                + x["b"][:, t, :, :, None] * sa[:, :, None, :]
+                + k[:, t, :, :, None] * v[:, t, :, None, :]
+            )
         else:
             if family == "gated_delta_rule":
                 S = S * x["g"][:, t].exp()[..., None, None]
@@ -123,7 +134,7 @@ def test_qk_l2norm_in_kernel(family: str, kind: str) -> None:
     x["k"] = x["k"] * 3.0  # not normalised
     fn = ops(family)[kind == "fused_recurrent"]
     o, s = call(fn, family, x, use_qk_l2norm_in_kernel=True, output_final_state=True)
-    o_ref, s_ref = reference(family, x, 6 ** -0.5, None, l2norm=True)
+    o_ref, s_ref = reference(family, x, 6**-0.5, None, l2norm=True)
     assert_close(o, o_ref, 1e-10)
     assert_close(s, s_ref, 1e-10)
     o_plain, _ = call(fn, family, x)
@@ -137,11 +148,23 @@ def test_gated_in_kernel_activations_and_v_first(kind: str) -> None:
     A_log, dt_bias = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
     h0 = torch.randn(1, 2, 4, 3, dtype=torch.float64)
     fn = ops("gated_delta_rule")[kind == "fused_recurrent"]
-    o, s = fn(x["q"], x["k"], x["v"], g=g_raw, beta=beta_raw, initial_state=h0.transpose(-1, -2),
-              output_final_state=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
-              use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True, state_v_first=True)
+    o, s = fn(
+        x["q"],
+        x["k"],
+        x["v"],
+        g=g_raw,
+        beta=beta_raw,
+        initial_state=h0.transpose(-1, -2),
+        output_final_state=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=True,
+        state_v_first=True,
+    )
     x_ref = dict(x, g=-A_log.exp() * F.softplus(g_raw + dt_bias), beta=2 * beta_raw.sigmoid())
-    o_ref, s_ref = reference("gated_delta_rule", x_ref, 4 ** -0.5, h0)
+    o_ref, s_ref = reference("gated_delta_rule", x_ref, 4**-0.5, h0)
     assert_close(o, o_ref, 1e-10)
     assert_close(s.transpose(-1, -2), s_ref, 1e-10)
 
@@ -149,8 +172,9 @@ def test_gated_in_kernel_activations_and_v_first(kind: str) -> None:
 def test_fused_recurrent_gated_per_channel_gk() -> None:
     x = make_inputs("gated_delta_rule", 1, 11, 2, 4, 3)
     gk = -torch.rand(1, 11, 2, 4, dtype=torch.float64)
-    o, s = gdr.fused_recurrent_gated_delta_rule_torch(x["q"], x["k"], x["v"], gk=gk, beta=x["beta"],
-                                                      output_final_state=True)
+    o, s = gdr.fused_recurrent_gated_delta_rule_torch(
+        x["q"], x["k"], x["v"], gk=gk, beta=x["beta"], output_final_state=True
+    )
     # with a per-channel decay the delta rule is the DPLR recurrence with a = diag(exp(gk)) k read after decay
     S = torch.zeros(1, 2, 4, 3, dtype=torch.float64)
     outs = []
@@ -188,10 +212,10 @@ def test_cu_seqlens_equals_separate_documents(family: str, kind: str) -> None:
     o, s = call(fn, family, x, scale=0.8, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert o.shape == (1, sum(lens), 2, 3) and s.shape == (len(lens), 2, 4, 3)
     for n in range(len(lens)):
-        doc = {name: t[:, cu[n]:cu[n + 1]] for name, t in x.items()}
-        o_ref, s_ref = reference(family, doc, 0.8, h0[n:n + 1])
-        assert_close(o[:, cu[n]:cu[n + 1]], o_ref, 1e-10)
-        assert_close(s[n:n + 1], s_ref, 1e-10)
+        doc = {name: t[:, cu[n] : cu[n + 1]] for name, t in x.items()}
+        o_ref, s_ref = reference(family, doc, 0.8, h0[n : n + 1])
+        assert_close(o[:, cu[n] : cu[n + 1]], o_ref, 1e-10)
+        assert_close(s[n : n + 1], s_ref, 1e-10)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

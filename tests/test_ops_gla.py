@@ -131,16 +131,47 @@ def ref_hgrn_case(tk, ok, h0):
 
 
 FAMILIES = {
-    "simple_gla": Family(simple_gla.chunk_simple_gla_torch, simple_gla.fused_recurrent_simple_gla_torch,
-                         ("q", "k", "v", "g"), make_simple_gla, _kv_state, ref_simple_gla),
-    "gla": Family(gla.chunk_gla_torch, gla.fused_recurrent_gla_torch, ("q", "k", "v", "g"), make_gla, _kv_state,
-                  ref_gla, recurrent_rename={"g": "gk"}),
-    "rwkv6": Family(rwkv6.chunk_rwkv6_torch, rwkv6.fused_recurrent_rwkv6_torch, ("r", "k", "v", "w"), make_rwkv6,
-                    _kv_state, ref_rwkv6),
-    "linear_attn": Family(linear_attn.chunk_linear_attn_torch, linear_attn.fused_recurrent_linear_attn_torch,
-                          ("q", "k", "v"), make_linear_attn, make_linear_attn_state, ref_linear_attn),
-    "hgrn": Family(hgrn.chunk_hgrn_torch, hgrn.fused_recurrent_hgrn_torch, ("x", "g"), make_hgrn,
-                   lambda N, H, K, V, dt: torch.randn(N, H * K, dtype=dt), ref_hgrn_case),
+    "simple_gla": Family(
+        simple_gla.chunk_simple_gla_torch,
+        simple_gla.fused_recurrent_simple_gla_torch,
+        ("q", "k", "v", "g"),
+        make_simple_gla,
+        _kv_state,
+        ref_simple_gla,
+    ),
+    "gla": Family(
+        gla.chunk_gla_torch,
+        gla.fused_recurrent_gla_torch,
+        ("q", "k", "v", "g"),
+        make_gla,
+        _kv_state,
+        ref_gla,
+        recurrent_rename={"g": "gk"},
+    ),
+    "rwkv6": Family(
+        rwkv6.chunk_rwkv6_torch,
+        rwkv6.fused_recurrent_rwkv6_torch,
+        ("r", "k", "v", "w"),
+        make_rwkv6,
+        _kv_state,
+        ref_rwkv6,
+    ),
+    "linear_attn": Family(
+        linear_attn.chunk_linear_attn_torch,
+        linear_attn.fused_recurrent_linear_attn_torch,
+        ("q", "k", "v"),
+        make_linear_attn,
+        make_linear_attn_state,
+        ref_linear_attn,
+    ),
+    "hgrn": Family(
+        hgrn.chunk_hgrn_torch,
+        hgrn.fused_recurrent_hgrn_torch,
+        ("x", "g"),
+        make_hgrn,
+        lambda N, H, K, V, dt: torch.randn(N, H * K, dtype=dt),
+        ref_hgrn_case,
+    ),
 }
 
 
@@ -245,8 +276,13 @@ def test_gradcheck_chunk(family):
 
     def fn(*xs):
         t, st, c = xs[: len(tk)], xs[len(tk) : len(tk) + len(states)], xs[len(tk) + len(states) :]
-        o, s = fam.chunk(**dict(zip(tk, t, strict=True)), **{**ok, **dict(zip(consts, c, strict=True))},
-                         initial_state=tuple(st) if len(st) > 1 else st[0], output_final_state=True, chunk_size=4)
+        o, s = fam.chunk(
+            **dict(zip(tk, t, strict=True)),
+            **{**ok, **dict(zip(consts, c, strict=True))},
+            initial_state=tuple(st) if len(st) > 1 else st[0],
+            output_final_state=True,
+            chunk_size=4,
+        )
         return (o, *flat(s))
 
     assert torch.autograd.gradcheck(fn, [x.clone().requires_grad_() for x in leaves])
@@ -257,7 +293,7 @@ def test_simple_gla_g_gamma_alone_is_a_fixed_decay():
     q, k, v = _qkv(1, 19, 2, 4, 3, F64)
     gamma = torch.tensor([-0.1, -2.0], dtype=F64)
     o, s = simple_gla.chunk_simple_gla_torch(q, k, v, g_gamma=gamma, output_final_state=True)
-    o_ref, s_ref = ref_gated(q, k, v, gamma[:, None].expand_as(q), 4 ** -0.5, None)
+    o_ref, s_ref = ref_gated(q, k, v, gamma[:, None].expand_as(q), 4**-0.5, None)
     assert_close((o, s), (o_ref, s_ref), 1e-10)
 
 
@@ -266,8 +302,9 @@ def test_state_v_first_transposes_the_state():
     tk, ok = make_gla(1, 9, 2, 4, 3, F64, -1.0)
     h0 = _kv_state(1, 2, 4, 3, F64)
     o, s = gla.chunk_gla_torch(**tk, initial_state=h0, output_final_state=True)
-    o_t, s_t = gla.chunk_gla_torch(**tk, initial_state=h0.transpose(-1, -2).contiguous(), output_final_state=True,
-                                   state_v_first=True)
+    o_t, s_t = gla.chunk_gla_torch(
+        **tk, initial_state=h0.transpose(-1, -2).contiguous(), output_final_state=True, state_v_first=True
+    )
     assert_close(o_t, o, 1e-12)
     assert_close(s_t.transpose(-1, -2), s, 1e-12)
 
@@ -298,10 +335,16 @@ BAD = {
     "rank": (gla.chunk_gla_torch, lambda tk: {**tk, "q": tk["q"][0]}, "4-D"),
     "shape": (gla.chunk_gla_torch, lambda tk: {**tk, "g": tk["g"][..., :2]}, "`g` must have shape"),
     "state": (gla.chunk_gla_torch, lambda tk: {**tk, "initial_state": torch.zeros(2, 2, 3, 4)}, "[N, H, K, V]"),
-    "batch-with-cu_seqlens": (gla.chunk_gla_torch, lambda tk: {**tk, "cu_seqlens": torch.tensor([0, 3, 9])},
-                              "batch size must be 1"),
-    "cu_seqlens-span": (gla.chunk_gla_torch, lambda tk: {n: t[:1] for n, t in tk.items()} | {
-        "cu_seqlens": torch.tensor([0, 3, 8])}, "from 0 to T=9"),
+    "batch-with-cu_seqlens": (
+        gla.chunk_gla_torch,
+        lambda tk: {**tk, "cu_seqlens": torch.tensor([0, 3, 9])},
+        "batch size must be 1",
+    ),
+    "cu_seqlens-span": (
+        gla.chunk_gla_torch,
+        lambda tk: {n: t[:1] for n, t in tk.items()} | {"cu_seqlens": torch.tensor([0, 3, 8])},
+        "from 0 to T=9",
+    ),
 }
 
 
@@ -348,44 +391,104 @@ def test_head_first_is_rejected():
 
 # fla 0.6.0's public signatures (fla/ops/<family>/{chunk,fused_recurrent}.py), written out so the dispatch to fla
 # is checked without a GPU: a stub binds the arguments exactly as fla would, records them and runs our op.
-def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+def chunk_simple_gla(
+    q,
+    k,
+    v,
+    g=None,
+    g_gamma=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
     return locals()
 
 
-def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
-                               output_final_state=False, reverse=False, state_v_first=False, cu_seqlens=None, **kwargs):
+def fused_recurrent_simple_gla(
+    q,
+    k,
+    v,
+    g=None,
+    g_gamma=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
+):
     return locals()
 
 
-def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
-              cu_seqlens=None, cu_seqlens_cpu=None):
+def chunk_gla(
+    q,
+    k,
+    v,
+    g,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+):
     assert initial_state is None or initial_state.dtype == torch.float32, "fla asserts a float32 initial_state"
     return locals()
 
 
-def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
-                        reverse=False, state_v_first=False, cu_seqlens=None, **kwargs):
+def fused_recurrent_gla(
+    q,
+    k,
+    v,
+    gk=None,
+    gv=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
+):
     return locals()
 
 
-def chunk_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                cu_seqlens_cpu=None, **kwargs):
+def chunk_rwkv6(
+    r,
+    k,
+    v,
+    w,
+    u,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
     return locals()
 
 
-def fused_recurrent_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, reverse=False,
-                          cu_seqlens=None):
+def fused_recurrent_rwkv6(
+    r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, reverse=False, cu_seqlens=None
+):
     return locals()
 
 
-def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
-                      cu_seqlens=None):
+def chunk_linear_attn(
+    q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True, cu_seqlens=None
+):
     return locals()
 
 
-def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,
-                                normalize=False, cu_seqlens=None):
+def fused_recurrent_linear_attn(
+    q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False, normalize=False, cu_seqlens=None
+):
     return locals()
 
 
@@ -397,9 +500,21 @@ def fused_recurrent_hgrn(x, g, initial_state=None, output_final_state=False, cu_
     return locals()
 
 
-FLA_SIGNATURES = {f.__name__: f for f in (
-    chunk_simple_gla, fused_recurrent_simple_gla, chunk_gla, fused_recurrent_gla, chunk_rwkv6, fused_recurrent_rwkv6,
-    chunk_linear_attn, fused_recurrent_linear_attn, chunk_hgrn, fused_recurrent_hgrn)}
+FLA_SIGNATURES = {
+    f.__name__: f
+    for f in (
+        chunk_simple_gla,
+        fused_recurrent_simple_gla,
+        chunk_gla,
+        fused_recurrent_gla,
+        chunk_rwkv6,
+        fused_recurrent_rwkv6,
+        chunk_linear_attn,
+        fused_recurrent_linear_attn,
+        chunk_hgrn,
+        fused_recurrent_hgrn,
+    )
+}
 MODULES = {"simple_gla": simple_gla, "gla": gla, "rwkv6": rwkv6, "linear_attn": linear_attn, "hgrn": hgrn}
 
 
@@ -411,6 +526,7 @@ def fla_stub(family: str, name: str, calls: list) -> Callable[..., Any]:
         bound.pop("cu_seqlens_cpu", None)
         calls.append(name)
         return getattr(MODULES[family], f"{name}_torch")(**bound, **extra)
+
     return run
 
 

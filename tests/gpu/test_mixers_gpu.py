@@ -68,7 +68,8 @@ def test_forward_backward_fla_matches_torch(name, monkeypatch):
     worst = max(gp_f, key=lambda n: rel_err(gp_f[n], gp_t[n]))
     assert rel_err(gp_f[worst], gp_t[worst]) < 5 * BF16_RTOL, (
         f"{name}: grad of {worst} rel err {rel_err(gp_f[worst], gp_t[worst]):.3g} (output "
-        f"{rel_err(y_f, y_t):.3g}, input grad {rel_err(gx_f, gx_t):.3g})")
+        f"{rel_err(y_f, y_t):.3g}, input grad {rel_err(gx_f, gx_t):.3g})"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -98,7 +99,7 @@ def test_prefill_then_decoding_fla_matches_torch(name, monkeypatch):
         y, s = m(x[:, :96], use_cache=True)
         ys.append(y)
         for t in range(96, 100):
-            y, s = m(x[:, t: t + 1], state=s)
+            y, s = m(x[:, t : t + 1], state=s)
             ys.append(y)
         return torch.cat(ys, 1)
 

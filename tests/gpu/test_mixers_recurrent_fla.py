@@ -31,9 +31,13 @@ def test_matches_fla_layer(name):
 
 def test_gated_deltanet_gva_matches_fla_layer():
     """Grouped value heads: 2H value heads over H q/k heads, per-value-head gates."""
-    compare_with_fla("gated_deltanet", "gated_deltanet", "GatedDeltaNet",
-                     dict(num_heads=H, num_v_heads=2 * H, head_dim=D // H, expand_v=1.0),
-                     dict(num_v_heads=2 * H, expand_v=1.0))
+    compare_with_fla(
+        "gated_deltanet",
+        "gated_deltanet",
+        "GatedDeltaNet",
+        dict(num_heads=H, num_v_heads=2 * H, head_dim=D // H, expand_v=1.0),
+        dict(num_v_heads=2 * H, expand_v=1.0),
+    )
 
 
 def compare_with_fla(name, module, cls, fla_kwargs, ours_kwargs):

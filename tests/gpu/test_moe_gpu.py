@@ -29,7 +29,7 @@ def loop_experts(x_ND, w13, w2, counts_E):
     """Per-expert Python loop in float32 on the same bf16 values."""
     out, start = [], 0
     for e, c in enumerate(counts_E.tolist()):
-        h = x_ND[start:start + c].float() @ w13[e].float()
+        h = x_ND[start : start + c].float() @ w13[e].float()
         out.append((F.silu(h[:, :FF]) * h[:, FF:]) @ w2[e].float())
         start += c
     return torch.cat(out)
@@ -54,7 +54,7 @@ def test_grouped_matmul_bf16_matches_loop(empty):
     xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref, start = [], 0
     for e, c in enumerate(counts_E.tolist()):
-        ref.append(xf[start:start + c] @ wf[e])
+        ref.append(xf[start : start + c] @ wf[e])
         start += c
     ref = torch.cat(ref)
     assert rel_err(y, ref) < 1e-2

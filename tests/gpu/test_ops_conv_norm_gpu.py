@@ -21,8 +21,10 @@ def rel(a, b):
 def run_both(fn, leaves, **kw):
     """(cuda bf16 output, grads), (cpu float32 output, grads) of fn(**leaves) with one upstream gradient."""
     torch.manual_seed(0)
-    gpu = {n: t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 or n != "weight" else t.dtype).requires_grad_()
-           for n, t in leaves.items()}
+    gpu = {
+        n: t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 or n != "weight" else t.dtype).requires_grad_()
+        for n, t in leaves.items()
+    }
     cpu = {n: t.detach().float().requires_grad_() for n, t in leaves.items()}
     y_gpu, y_cpu = fn(**gpu, **kw), fn(**cpu, **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
     dy = torch.randn_like(y_cpu)

@@ -30,10 +30,12 @@ MODULES = {"delta_rule": delta_rule, "gated_delta_rule": gated_delta_rule, "rwkv
 NO_FLA_BACKWARD = {"fused_recurrent_gated_delta_rule", "fused_recurrent_rwkv7"}
 
 
-def make_leaves(family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = False,
-                gva: int = 1) -> dict[str, torch.Tensor]:
+def make_leaves(
+    family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = False, gva: int = 1
+) -> dict[str, torch.Tensor]:
     """Inputs as real layers make them: l2-normalised keys, beta in (0, 1), log decays <= 0, fp32 state.
     gva: value heads per q/k head (gated_delta_rule only)."""
+
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda")
 
@@ -41,8 +43,14 @@ def make_leaves(family: str, b: int, t: int, n: int, l2norm_in_kernel: bool = Fa
     h0 = rnd(n, HV, K, V) * 0.1
     if family == "rwkv7":
         kk = F.normalize(rnd(b, t, H, K), dim=-1)
-        x = dict(r=rnd(b, t, H, K), w=-0.6065 * rnd(b, t, H, K).sigmoid(), k=rnd(b, t, H, K) * K ** -0.5,
-                 v=rnd(b, t, H, V), a=-kk, b=kk * rnd(b, t, H, K).sigmoid())
+        x = dict(
+            r=rnd(b, t, H, K),
+            w=-0.6065 * rnd(b, t, H, K).sigmoid(),
+            k=rnd(b, t, H, K) * K**-0.5,
+            v=rnd(b, t, H, V),
+            a=-kk,
+            b=kk * rnd(b, t, H, K).sigmoid(),
+        )
     else:
         q, k = rnd(b, t, H, K), rnd(b, t, H, K)
         if not l2norm_in_kernel:
@@ -61,11 +69,28 @@ def run(fn: Callable[..., Any], family: str, x: dict[str, torch.Tensor], **kw: A
     h0 = args.pop("initial_state")
     if family == "rwkv7":
         kw.setdefault("scale", 1.0)  # fla's chunk and fused_recurrent rwkv7 default differently
-        return fn(args["r"], args["w"], args["k"], args["v"], args["a"], args["b"], initial_state=h0,
-                  output_final_state=True, **kw)
+        return fn(
+            args["r"],
+            args["w"],
+            args["k"],
+            args["v"],
+            args["a"],
+            args["b"],
+            initial_state=h0,
+            output_final_state=True,
+            **kw,
+        )
     if family == "gated_delta_rule":
-        return fn(args["q"], args["k"], args["v"], g=args["g"], beta=args["beta"], initial_state=h0,
-                  output_final_state=True, **kw)
+        return fn(
+            args["q"],
+            args["k"],
+            args["v"],
+            g=args["g"],
+            beta=args["beta"],
+            initial_state=h0,
+            output_final_state=True,
+            **kw,
+        )
     return fn(args["q"], args["k"], args["v"], args["beta"], initial_state=h0, output_final_state=True, **kw)
 
 
@@ -73,8 +98,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def compare(family: str, kind: str, b: int, cu_seqlens: torch.Tensor | None = None, gva: int = 1,
-            **kw: Any) -> None:
+def compare(family: str, kind: str, b: int, cu_seqlens: torch.Tensor | None = None, gva: int = 1, **kw: Any) -> None:
     mod = MODULES[family]
     name = f"{kind}_{family}"
     n = b if cu_seqlens is None else len(cu_seqlens) - 1

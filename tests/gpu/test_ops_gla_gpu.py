@@ -48,8 +48,12 @@ def _log_decay(*shape, dtype=BF16):
 
 
 def make_qkv(b, t, n, gate_shape=None, gate_dtype=BF16):
-    leaves = {"q": _randn(b, t, H, K), "k": _randn(b, t, H, K), "v": _randn(b, t, H, V),
-              "initial_state": _randn(n, H, K, V, dtype=torch.float32)}
+    leaves = {
+        "q": _randn(b, t, H, K),
+        "k": _randn(b, t, H, K),
+        "v": _randn(b, t, H, V),
+        "initial_state": _randn(n, H, K, V, dtype=torch.float32),
+    }
     if gate_shape is not None:
         leaves["g"] = _log_decay(b, t, H, *gate_shape, dtype=gate_dtype)
     return leaves
@@ -71,8 +75,12 @@ def kw_gla(x, recurrent):
 
 def make_rwkv6(b, t, n):
     x = make_qkv(b, t, n)
-    return {"r": x.pop("q"), **x, "w": -torch.exp(torch.randn(b, t, H, K, device="cuda") * 0.5 - 0.5).to(BF16),
-            "u": 0.5 * _randn(H, K)}
+    return {
+        "r": x.pop("q"),
+        **x,
+        "w": -torch.exp(torch.randn(b, t, H, K, device="cuda") * 0.5 - 0.5).to(BF16),
+        "u": 0.5 * _randn(H, K),
+    }
 
 
 def kw_rwkv6(x, recurrent):
@@ -96,8 +104,11 @@ def kw_linear_attn_raw(x, recurrent):
 
 
 def make_hgrn(b, t, n):
-    return {"x": _randn(b, t, H * K), "g": _log_decay(b, t, H * K),
-            "initial_state": _randn(n, H * K, dtype=torch.float32)}
+    return {
+        "x": _randn(b, t, H * K),
+        "g": _log_decay(b, t, H * K),
+        "initial_state": _randn(n, H * K, dtype=torch.float32),
+    }
 
 
 def kw_plain(x, recurrent):
@@ -105,23 +116,48 @@ def kw_plain(x, recurrent):
 
 
 CASES = {
-    "simple_gla": Case(simple_gla.chunk_simple_gla, simple_gla.fused_recurrent_simple_gla,
-                       simple_gla.chunk_simple_gla_torch,
-                       lambda b, t, n: make_qkv(b, t, n, (), torch.float32), kw_simple_gla),  # fp32 g as Mamba2
-    "simple_gla-g_gamma": Case(simple_gla.chunk_simple_gla, simple_gla.fused_recurrent_simple_gla,
-                               simple_gla.chunk_simple_gla_torch, make_qkv, kw_simple_gla_gamma),
-    "gla": Case(gla.chunk_gla, gla.fused_recurrent_gla, gla.chunk_gla_torch,
-                lambda b, t, n: make_qkv(b, t, n, (K,)), kw_gla),
+    "simple_gla": Case(
+        simple_gla.chunk_simple_gla,
+        simple_gla.fused_recurrent_simple_gla,
+        simple_gla.chunk_simple_gla_torch,
+        lambda b, t, n: make_qkv(b, t, n, (), torch.float32),
+        kw_simple_gla,
+    ),  # fp32 g as Mamba2
+    "simple_gla-g_gamma": Case(
+        simple_gla.chunk_simple_gla,
+        simple_gla.fused_recurrent_simple_gla,
+        simple_gla.chunk_simple_gla_torch,
+        make_qkv,
+        kw_simple_gla_gamma,
+    ),
+    "gla": Case(
+        gla.chunk_gla, gla.fused_recurrent_gla, gla.chunk_gla_torch, lambda b, t, n: make_qkv(b, t, n, (K,)), kw_gla
+    ),
     "rwkv6": Case(rwkv6.chunk_rwkv6, rwkv6.fused_recurrent_rwkv6, rwkv6.chunk_rwkv6_torch, make_rwkv6, kw_rwkv6),
-    "linear_attn": Case(linear_attn.chunk_linear_attn, linear_attn.fused_recurrent_linear_attn,
-                        linear_attn.chunk_linear_attn_torch, make_linear_attn, kw_linear_attn),
-    "linear_attn-raw": Case(linear_attn.chunk_linear_attn, linear_attn.fused_recurrent_linear_attn,
-                            linear_attn.chunk_linear_attn_torch, make_qkv, kw_linear_attn_raw),
+    "linear_attn": Case(
+        linear_attn.chunk_linear_attn,
+        linear_attn.fused_recurrent_linear_attn,
+        linear_attn.chunk_linear_attn_torch,
+        make_linear_attn,
+        kw_linear_attn,
+    ),
+    "linear_attn-raw": Case(
+        linear_attn.chunk_linear_attn,
+        linear_attn.fused_recurrent_linear_attn,
+        linear_attn.chunk_linear_attn_torch,
+        make_qkv,
+        kw_linear_attn_raw,
+    ),
     "hgrn": Case(hgrn.chunk_hgrn, hgrn.fused_recurrent_hgrn, hgrn.chunk_hgrn_torch, make_hgrn, kw_plain),
     # no state gradients needed: the only case that reaches fla's chunk_hgrn kernel itself (ops/hgrn.py)
-    "hgrn-stateless": Case(hgrn.chunk_hgrn, hgrn.fused_recurrent_hgrn, hgrn.chunk_hgrn_torch,
-                           lambda b, t, n: {k: v for k, v in make_hgrn(b, t, n).items() if k != "initial_state"},
-                           kw_plain, final_state=False),
+    "hgrn-stateless": Case(
+        hgrn.chunk_hgrn,
+        hgrn.fused_recurrent_hgrn,
+        hgrn.chunk_hgrn_torch,
+        lambda b, t, n: {k: v for k, v in make_hgrn(b, t, n).items() if k != "initial_state"},
+        kw_plain,
+        final_state=False,
+    ),
 }
 
 
@@ -134,17 +170,26 @@ def flat(state: Any) -> list[torch.Tensor]:
     return list(state) if isinstance(state, tuple) else [state]
 
 
-def run(fn: Callable[..., Any], leaves: dict[str, torch.Tensor], kwargs: dict[str, Any], cu_seqlens,
-        grads_out: list[torch.Tensor], final_state: bool) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+def run(
+    fn: Callable[..., Any],
+    leaves: dict[str, torch.Tensor],
+    kwargs: dict[str, Any],
+    cu_seqlens,
+    grads_out: list[torch.Tensor],
+    final_state: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
     o, s = fn(**kwargs, output_final_state=final_state, cu_seqlens=cu_seqlens)
     states = flat(s) if final_state else []
-    loss = (o.float() * grads_out[0]).sum() + sum((st.float() * d).sum() for st, d in zip(states, grads_out[1:],
-                                                                                            strict=True))
+    loss = (o.float() * grads_out[0]).sum() + sum(
+        (st.float() * d).sum() for st, d in zip(states, grads_out[1:], strict=True)
+    )
     loss.backward()
     return o, states, {n: t.grad for n, t in leaves.items()}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=[f"B{B}-T{T}-H{H}-K{K}", f"cu_seqlens-{'-'.join(map(str, DOCS))}"])
+@pytest.mark.parametrize(
+    "packed", [False, True], ids=[f"B{B}-T{T}-H{H}-K{K}", f"cu_seqlens-{'-'.join(map(str, DOCS))}"]
+)
 @pytest.mark.parametrize("recurrent", [False, True], ids=["chunk", "fused_recurrent"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fla_kernel_matches_torch_reference(case, recurrent, packed):
@@ -159,14 +204,14 @@ def test_fla_kernel_matches_torch_reference(case, recurrent, packed):
     fla_leaves = {name: t.detach().clone().requires_grad_() for name, t in base.items()}
     ref_leaves = {name: t.detach().float().requires_grad_() for name, t in base.items()}
     with torch.no_grad():
-        o_probe, s_probe = c.reference(**c.kwargs(ref_leaves, False), output_final_state=c.final_state,
-                                       cu_seqlens=cu)
+        o_probe, s_probe = c.reference(**c.kwargs(ref_leaves, False), output_final_state=c.final_state, cu_seqlens=cu)
     grads_out = [torch.randn_like(o_probe)] + [torch.randn_like(s) for s in (flat(s_probe) if c.final_state else [])]
 
     fn = c.recurrent if recurrent else c.chunk
     o, states, grads = run(fn, fla_leaves, c.kwargs(fla_leaves, recurrent), cu, grads_out, c.final_state)
-    o_ref, states_ref, grads_ref = run(c.reference, ref_leaves, c.kwargs(ref_leaves, False), cu, grads_out,
-                                       c.final_state)
+    o_ref, states_ref, grads_ref = run(
+        c.reference, ref_leaves, c.kwargs(ref_leaves, False), cu, grads_out, c.final_state
+    )
 
     assert o.shape == o_ref.shape
     errors = {"o": rel_err(o, o_ref)}

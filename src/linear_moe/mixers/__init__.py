@@ -66,7 +66,9 @@ def build_mixer(name: str, hidden_size: int, num_heads: int, layer_idx: int = 0,
         options = [n for n in params if n not in ("self", "hidden_size", "num_heads", "layer_idx")]
         unknown = sorted(set(kwargs) - set(options))
         if unknown:
-            raise ValueError(f"mixer {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(options)}")
+            raise ValueError(
+                f"mixer {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(options)}"
+            )
     return cls(hidden_size=hidden_size, num_heads=num_heads, layer_idx=layer_idx, **kwargs)
 
 

@@ -15,19 +15,23 @@ from linear_moe.mixers.base import Mixer, MixerState
 from linear_moe.mixers.common import GatedRMSNorm, RMSNorm, ShortConvolution
 
 
-def head_dims(name: str, hidden_size: int, num_heads: int, expand_k: float, expand_v: float,
-              num_kv_heads: int | None) -> tuple[int, int, int]:
+def head_dims(
+    name: str, hidden_size: int, num_heads: int, expand_k: float, expand_v: float, num_kv_heads: int | None
+) -> tuple[int, int, int]:
     """(head_k_dim, head_v_dim, num_kv_heads) from fla's expand ratios, with one-line errors."""
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
-        raise ValueError(f"{name}: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
-                         f"(valid: {[h for h in range(1, num_heads + 1) if num_heads % h == 0]})")
+        raise ValueError(
+            f"{name}: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
+            f"(valid: {[h for h in range(1, num_heads + 1) if num_heads % h == 0]})"
+        )
     dims = []
     for label, ratio in (("expand_k", expand_k), ("expand_v", expand_v)):
         total = hidden_size * ratio
         if total <= 0 or not math.isclose(total, round(total)) or round(total) % num_heads:
-            raise ValueError(f"{name}: hidden_size * {label} = {total} must be a positive integer divisible by "
-                             f"num_heads={num_heads}")
+            raise ValueError(
+                f"{name}: hidden_size * {label} = {total} must be a positive integer divisible by num_heads={num_heads}"
+            )
         dims.append(round(total) // num_heads)
     return dims[0], dims[1], num_kv_heads
 
@@ -36,8 +40,18 @@ class LinearMixer(Mixer):
     """Base of the linear-attention mixers: q_proj, k_proj, v_proj (k/v with `num_kv_heads` heads), optional
     depthwise causal convolutions q_conv1d, k_conv1d, v_conv1d (silu) with state keys conv_q, conv_k, conv_v."""
 
-    def _init_qkv(self, hidden_size: int, num_heads: int, layer_idx: int, head_k_dim: int, head_v_dim: int,
-                  num_kv_heads: int, use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False) -> None:
+    def _init_qkv(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        num_kv_heads: int,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+    ) -> None:
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.head_k_dim, self.head_v_dim, self.num_kv_heads = head_k_dim, head_v_dim, num_kv_heads
         self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
@@ -80,35 +94,55 @@ class LinearMixer(Mixer):
     def conv_keys(self) -> list[str]:
         return rec.conv_state_keys("qkv") if self.use_short_conv else []
 
-    def project_qkv(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None,
-                    keep: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MixerState]:
+    def project_qkv(
+        self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MixerState]:
         """x [B, T, D] -> q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] and the new conv states (when
         `keep`)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_state: MixerState = {}
         if self.use_short_conv:
             convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), conv_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens,
-                                                        keep)
-        return (q.unflatten(-1, (self.num_heads, self.head_k_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_k_dim)),
-                v.unflatten(-1, (self.num_kv_heads, self.head_v_dim)), conv_state)
+            (q, k, v), conv_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
+        return (
+            q.unflatten(-1, (self.num_heads, self.head_k_dim)),
+            k.unflatten(-1, (self.num_kv_heads, self.head_k_dim)),
+            v.unflatten(-1, (self.num_kv_heads, self.head_v_dim)),
+            conv_state,
+        )
 
     def repeat_kv(self, *ts: torch.Tensor) -> list[torch.Tensor]:
         """Grouped heads [B, T, Hkv, ...] -> [B, T, H, ...] (each k/v head serves H/Hkv query heads)."""
         g = self.num_heads // self.num_kv_heads
         return [t.repeat_interleave(g, dim=2) if g > 1 else t for t in ts]
 
-    def run_linear_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: MixerState | None,
-                        keep: bool, cu_seqlens: torch.Tensor | None, normalize: bool, scale: float | None
-                        ) -> tuple[torch.Tensor, MixerState]:
+    def run_linear_attn(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: MixerState | None,
+        keep: bool,
+        cu_seqlens: torch.Tensor | None,
+        normalize: bool,
+        scale: float | None,
+    ) -> tuple[torch.Tensor, MixerState]:
         """The linear_attn op on q, k [B, T, H, K], v [B, T, H, V]; with `normalize` the running key sum is carried
         as state['normalizer'] [B, 1, H, K] next to state['recurrent'] [B, H, K, V]."""
         s0 = None
         if state is not None:
             s0 = (state["recurrent"], state["normalizer"]) if normalize else state["recurrent"]
         fn = rec.op("linear_attn", rec.use_recurrent_kernel(self, state, q.shape[1]))
-        o, s = fn(q=q, k=k, v=v, scale=scale, initial_state=s0, output_final_state=keep, normalize=normalize,
-                  cu_seqlens=cu_seqlens)
+        o, s = fn(
+            q=q,
+            k=k,
+            v=v,
+            scale=scale,
+            initial_state=s0,
+            output_final_state=keep,
+            normalize=normalize,
+            cu_seqlens=cu_seqlens,
+        )
         if not keep:
             return o, {}
         return o, ({"recurrent": s[0], "normalizer": s[1]} if normalize else {"recurrent": s})

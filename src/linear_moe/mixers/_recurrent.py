@@ -18,8 +18,9 @@ from linear_moe.ops._dispatch import check_varlen
 DECODE_MAX_LEN = 64  # inputs this short with a state use the token-loop (fused_recurrent) kernels
 
 
-def check_call(mixer: Mixer, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None,
-               keys: Sequence[str]) -> None:
+def check_call(
+    mixer: Mixer, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None, keys: Sequence[str]
+) -> None:
     """Validate hidden states, packing and that `state` carries exactly the rows and keys this mixer needs."""
     name = type(mixer).__name__
     Mixer.check_input(name, x, mixer.hidden_size)
@@ -51,9 +52,13 @@ def op(family: str, recurrent: bool) -> Callable[..., tuple[torch.Tensor, torch.
     return getattr(module, f"{'fused_recurrent' if recurrent else 'chunk'}_{family}")
 
 
-def run_short_convs(convs: dict[str, ShortConvolution], inputs: dict[str, torch.Tensor],
-                    state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool = True
-                    ) -> tuple[list[torch.Tensor], MixerState]:
+def run_short_convs(
+    convs: dict[str, ShortConvolution],
+    inputs: dict[str, torch.Tensor],
+    state: MixerState | None,
+    cu_seqlens: torch.Tensor | None,
+    keep: bool = True,
+) -> tuple[list[torch.Tensor], MixerState]:
     """Run `convs[name](inputs[name])` with state key `conv_<name>`; return outputs (in order) and the new states
     (an empty dict unless `keep`: training skips computing them)."""
     outs, new_state = [], {}
@@ -75,8 +80,9 @@ def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: fl
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def chunked_flops(seq_len: int, k: int, v: int, chunk_size: int = 64, extra_ck: int = 0, extra_cv: int = 0,
-                  extra_kv: int = 0) -> float:
+def chunked_flops(
+    seq_len: int, k: int, v: int, chunk_size: int = 64, extra_ck: int = 0, extra_cv: int = 0, extra_kv: int = 0
+) -> float:
     """FLOPs per token per head of a chunked linear recurrence with key dim k, value dim v and chunk C:
     intra-chunk scores q.k^T (C*k), scores.v (C*v), inter-chunk read q.S (k*v) and state update k^T.v (k*v),
     plus method-specific extra multiply-adds per token (`extra_ck * C*k + extra_cv * C*v + extra_kv * k*v`).

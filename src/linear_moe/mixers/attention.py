@@ -30,15 +30,32 @@ class Attention(Mixer):
     as positions. With cu_seqlens every document attends only to itself and RoPE restarts per document.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, qkv_bias: bool = False, qk_norm: bool = False,
-                 rope_theta: float | None = 10000.0, rotary_dim: int | None = None, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        rope_theta: float | None = 10000.0,
+        rotary_dim: int | None = None,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"Attention: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
-                             f"(valid: {[h for h in range(1, num_heads + 1) if num_heads % h == 0]})")
-        self.hidden_size, self.num_heads, self.num_kv_heads, self.layer_idx = hidden_size, num_heads, num_kv_heads, layer_idx
+            raise ValueError(
+                f"Attention: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
+                f"(valid: {[h for h in range(1, num_heads + 1) if num_heads % h == 0]})"
+            )
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.layer_idx = (
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            layer_idx,
+        )
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
         if rope_theta is not None and not 0 < rotary_dim <= self.head_dim:
@@ -53,8 +70,13 @@ class Attention(Mixer):
             self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.rotary = RotaryEmbedding(rotary_dim, rope_theta) if rope_theta is not None else None
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         self.check_input("Attention", x, self.hidden_size)
         check_varlen("Attention", x, cu_seqlens)
         self._check_state(x, state, cu_seqlens)
@@ -113,8 +135,9 @@ class Attention(Mixer):
         return torch.cat([cache_BS[:, None, :].expand(B, T, S), causal_TT.expand(B, T, T)], dim=-1)
 
     @staticmethod
-    def _new_state(state: MixerState | None, k: torch.Tensor, v: torch.Tensor,
-                   new_valid_BT: torch.Tensor | None) -> MixerState:
+    def _new_state(
+        state: MixerState | None, k: torch.Tensor, v: torch.Tensor, new_valid_BT: torch.Tensor | None
+    ) -> MixerState:
         new: MixerState = {"k": k, "v": v}
         B, S_new = k.shape[0], k.shape[2]
         if new_valid_BT is not None and bool(new_valid_BT.all()):
@@ -122,9 +145,15 @@ class Attention(Mixer):
         if (state is None or "valid" not in state) and new_valid_BT is None:
             return new
         T = S_new - (0 if state is None else state["k"].shape[2])
-        old = [] if state is None else [
-            state["valid"] if "valid" in state else torch.ones(B, state["k"].shape[2], dtype=torch.bool,
-                                                               device=k.device)]
+        old = (
+            []
+            if state is None
+            else [
+                state["valid"]
+                if "valid" in state
+                else torch.ones(B, state["k"].shape[2], dtype=torch.bool, device=k.device)
+            ]
+        )
         fresh = new_valid_BT if new_valid_BT is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
         new["valid"] = torch.cat(old + [fresh], dim=-1)
         return new

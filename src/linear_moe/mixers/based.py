@@ -25,16 +25,33 @@ class BasedLinearAttention(_linear.LinearMixer):
     [B, 1, H, K'] (running sum of phi(k)), conv_q/k/v [B, C, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, feature_dim: int = 16,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        feature_dim: int = 16,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+    ):
         super().__init__()
         name = type(self).__name__
         if feature_dim <= 0:
             raise ValueError(f"{name}: feature_dim must be positive, got {feature_dim}")
         if hidden_size % num_heads:
             raise ValueError(f"{name}: num_heads={num_heads} must divide hidden_size={hidden_size}")
-        self._init_qkv(hidden_size, num_heads, layer_idx, feature_dim, hidden_size // num_heads, num_heads,
-                       use_short_conv, conv_size, conv_bias)
+        self._init_qkv(
+            hidden_size,
+            num_heads,
+            layer_idx,
+            feature_dim,
+            hidden_size // num_heads,
+            num_heads,
+            use_short_conv,
+            conv_size,
+            conv_bias,
+        )
         self.feature_dim = feature_dim
         self.feature_map = self.build_feature_map(feature_dim)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
@@ -45,8 +62,13 @@ class BasedLinearAttention(_linear.LinearMixer):
     def state_keys(self) -> list[str]:
         return self.linear_state_keys(True)
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)

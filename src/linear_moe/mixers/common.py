@@ -22,8 +22,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)  # float32 for half precision; float64 stays float64
-        return F.rms_norm(x.to(acc), x.shape[-1:], self.weight.to(acc) if self.weight is not None else None,
-                          self.eps).to(x.dtype)
+        return F.rms_norm(
+            x.to(acc), x.shape[-1:], self.weight.to(acc) if self.weight is not None else None, self.eps
+        ).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -59,8 +60,13 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"ShortConvolution: activation must be None or 'silu', got {activation!r}")
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_final_state: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if state is None:
             y = causal_conv1d(x, self.weight, self.bias, self.activation, cu_seqlens)
             return y, (self._final_state(x, cu_seqlens) if output_final_state else None)
@@ -88,7 +94,7 @@ class ShortConvolution(nn.Module):
         B, D, _ = xs_BDT.shape
         W = self.kernel_size
         if lens_B is None:
-            return xs_BDT[..., xs_BDT.shape[-1] - (W - 1):].contiguous()
+            return xs_BDT[..., xs_BDT.shape[-1] - (W - 1) :].contiguous()
         idx_BW = lens_B[:, None] + torch.arange(W - 1, device=xs_BDT.device)  # positions in xs
         return xs_BDT.gather(-1, idx_BW[:, None, :].expand(B, D, W - 1)).contiguous()
 

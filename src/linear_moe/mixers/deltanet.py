@@ -41,20 +41,38 @@ class DeltaNet(Mixer):
     State: `recurrent` [B, H, K, V] (float32) and `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, H*V, W-1].
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
-                 expand_v: float = 1.0, use_beta: bool = True, use_gate: bool = False, use_short_conv: bool = True,
-                 conv_size: int = 4, conv_bias: bool = False, allow_neg_eigval: bool = False,
-                 qk_activation: str = "silu", qk_norm: str = "l2", norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 1.0,
+        expand_v: float = 1.0,
+        use_beta: bool = True,
+        use_gate: bool = False,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        allow_neg_eigval: bool = False,
+        qk_activation: str = "silu",
+        qk_norm: str = "l2",
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if qk_activation not in QK_ACTIVATIONS:
             raise ValueError(f"DeltaNet: qk_activation must be one of {QK_ACTIVATIONS}, got {qk_activation!r}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"DeltaNet: qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
         key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        if not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim))) \
-                or round(key_dim) % num_heads or round(value_dim) % num_heads:
-            raise ValueError(f"DeltaNet: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
-                             f"must be integers divisible by num_heads={num_heads}")
+        if (
+            not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim)))
+            or round(key_dim) % num_heads
+            or round(value_dim) % num_heads
+        ):
+            raise ValueError(
+                f"DeltaNet: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
+                f"must be integers divisible by num_heads={num_heads}"
+            )
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.key_dim, self.value_dim = round(key_dim), round(value_dim)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
@@ -81,8 +99,13 @@ class DeltaNet(Mixer):
     def state_keys(self) -> list[str]:
         return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         B, T, _ = x.shape
@@ -105,14 +128,21 @@ class DeltaNet(Mixer):
             beta_BTH = beta_BTH * 2.0
 
         fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, T))
-        o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, beta=beta_BTH,
-                            initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens,
-                            use_qk_l2norm_in_kernel=self.qk_norm == "l2")
+        o_BTHV, s_BHKV = fn(
+            q=q_BTHK,
+            k=k_BTHK,
+            v=v_BTHV,
+            beta=beta_BTH,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=self.qk_norm == "l2",
+        )
         return rec.gated_output(self, o_BTHV, x), ({"recurrent": s_BHKV, **new_state} if keep else None)
 
     def sequence_flops(self, seq_len: int) -> float:
         # WY form per chunk: beta K K^T (C*K), T = (I + A)^-1 (~C^2/3, ignored), W = T beta K (C*K),
         # U = T beta V (C*V), U - W S (K*V), plus the generic scores / reads / updates.
-        return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
-                                                  extra_ck=2, extra_cv=1, extra_kv=1)
+        return self.num_heads * rec.chunked_flops(
+            seq_len, self.head_k_dim, self.head_v_dim, extra_ck=2, extra_cv=1, extra_kv=1
+        )

@@ -59,8 +59,7 @@ class TaylorFeatureMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.head_dim
         off, diag = _pairwise_products(x)
-        return torch.cat([torch.ones_like(x[..., :1]), x * d**-0.25, diag * (2 * d) ** -0.5,
-                          off * d**-0.5], dim=-1)
+        return torch.cat([torch.ones_like(x[..., :1]), x * d**-0.25, diag * (2 * d) ** -0.5, off * d**-0.5], dim=-1)
 
 
 class RebasedFeatureMap(nn.Module):
@@ -155,4 +154,3 @@ def build_feature_map(name: str, head_dim: int, owner: str = "feature_map") -> n
     if name in LEARNABLE:
         return LEARNABLE[name](head_dim)
     raise ValueError(f"{owner}: unknown feature map {name!r}; valid: {', '.join(FEATURE_MAPS)}")
-

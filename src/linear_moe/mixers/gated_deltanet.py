@@ -38,14 +38,28 @@ class GatedDeltaNet(Mixer):
     State: `recurrent` [B, HV, K, V] (float32), `conv_q`/`conv_k` [B, H*K, W-1], `conv_v` [B, HV*V, W-1].
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, head_dim: int | None = None,
-                 expand_v: float = 2.0, use_gate: bool = True, use_short_conv: bool = True, conv_size: int = 4,
-                 conv_bias: bool = False, allow_neg_eigval: bool = False, norm_eps: float = 1e-5,
-                 output_gate_activation: str = "swish", num_v_heads: int | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        head_dim: int | None = None,
+        expand_v: float = 2.0,
+        use_gate: bool = True,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        allow_neg_eigval: bool = False,
+        norm_eps: float = 1e-5,
+        output_gate_activation: str = "swish",
+        num_v_heads: int | None = None,
+    ):
         super().__init__()
         if output_gate_activation not in GATE_ACTIVATIONS:
-            raise ValueError(f"GatedDeltaNet: output_gate_activation must be one of {list(GATE_ACTIVATIONS)}, "
-                             f"got {output_gate_activation!r}")
+            raise ValueError(
+                f"GatedDeltaNet: output_gate_activation must be one of {list(GATE_ACTIVATIONS)}, "
+                f"got {output_gate_activation!r}"
+            )
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
         head_v_dim = head_dim * expand_v
         if head_dim <= 0 or not math.isclose(head_v_dim, round(head_v_dim)) or round(head_v_dim) <= 0:
@@ -74,8 +88,9 @@ class GatedDeltaNet(Mixer):
             self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu", bias=conv_bias)
         if use_gate:
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps,
-                                       activation=GATE_ACTIVATIONS[output_gate_activation])
+            self.o_norm = GatedRMSNorm(
+                self.head_v_dim, eps=norm_eps, activation=GATE_ACTIVATIONS[output_gate_activation]
+            )
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
@@ -83,8 +98,13 @@ class GatedDeltaNet(Mixer):
     def state_keys(self) -> list[str]:
         return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         T = x.shape[1]
@@ -105,12 +125,21 @@ class GatedDeltaNet(Mixer):
         g_BTH = decay_log(self.a_proj(x), self.A_log, self.dt_bias)
 
         fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, T))
-        o_BTHV, s_BHKV = fn(q=q_BTHK, k=k_BTHK, v=v_BTHV, g=g_BTH, beta=beta_BTH,
-                            initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+        o_BTHV, s_BHKV = fn(
+            q=q_BTHK,
+            k=k_BTHK,
+            v=v_BTHV,
+            g=g_BTH,
+            beta=beta_BTH,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+        )
         return rec.gated_output(self, o_BTHV, x), ({"recurrent": s_BHKV, **new_state} if keep else None)
 
     def sequence_flops(self, seq_len: int) -> float:
         # Same WY chunk form as DeltaNet; the scalar decay adds only O(C) per token.
-        return self.num_v_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim,
-                                                  extra_ck=2, extra_cv=1, extra_kv=1)
+        return self.num_v_heads * rec.chunked_flops(
+            seq_len, self.head_k_dim, self.head_v_dim, extra_ck=2, extra_cv=1, extra_kv=1
+        )

@@ -30,23 +30,42 @@ class GatedLinearAttention(_linear.LinearMixer):
     State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 0.5,
-                 expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str | None = None,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False,
-                 use_output_gate: bool = True, gate_fn: str = "swish", norm_eps: float = 1e-5,
-                 gate_logit_normalizer: float = 16, gate_low_rank_dim: int = 16, clamp_min: float | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        num_kv_heads: int | None = None,
+        feature_map: str | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        use_output_gate: bool = True,
+        gate_fn: str = "swish",
+        norm_eps: float = 1e-5,
+        gate_logit_normalizer: float = 16,
+        gate_low_rank_dim: int = 16,
+        clamp_min: float | None = None,
+    ):
         super().__init__()
         if feature_map is not None and feature_map not in ELEMENTWISE:
-            raise ValueError(f"GatedLinearAttention: unknown feature_map {feature_map!r}; valid: None, "
-                             f"{', '.join(ELEMENTWISE)}")
+            raise ValueError(
+                f"GatedLinearAttention: unknown feature_map {feature_map!r}; valid: None, {', '.join(ELEMENTWISE)}"
+            )
         if gate_logit_normalizer <= 0 or gate_low_rank_dim <= 0:
-            raise ValueError(f"GatedLinearAttention: gate_logit_normalizer ({gate_logit_normalizer}) and "
-                             f"gate_low_rank_dim ({gate_low_rank_dim}) must be positive")
-        hk, hv, hkv = _linear.head_dims("GatedLinearAttention", hidden_size, num_heads, expand_k, expand_v,
-                                        num_kv_heads)
+            raise ValueError(
+                f"GatedLinearAttention: gate_logit_normalizer ({gate_logit_normalizer}) and "
+                f"gate_low_rank_dim ({gate_low_rank_dim}) must be positive"
+            )
+        hk, hv, hkv = _linear.head_dims(
+            "GatedLinearAttention", hidden_size, num_heads, expand_k, expand_v, num_kv_heads
+        )
         self._init_qkv(hidden_size, num_heads, layer_idx, hk, hv, hkv, use_short_conv, conv_size, conv_bias)
-        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, hkv * hk, bias=True))
+        self.gk_proj = nn.Sequential(
+            nn.Linear(hidden_size, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, hkv * hk, bias=True)
+        )
         self._init_output(use_output_gate, gate_fn, norm_eps)
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.gate_logit_normalizer, self.clamp_min = gate_logit_normalizer, clamp_min
@@ -54,8 +73,13 @@ class GatedLinearAttention(_linear.LinearMixer):
     def state_keys(self) -> list[str]:
         return ["recurrent", *self.conv_keys()]
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
@@ -68,11 +92,13 @@ class GatedLinearAttention(_linear.LinearMixer):
         k, v, gk_BTHK = self.repeat_kv(k, v, gk_BTHK)
         s0 = None if state is None else state["recurrent"]
         if rec.use_recurrent_kernel(self, state, x.shape[1]):
-            o_BTHV, s = rec.op("gla", True)(q=q, k=k, v=v, gk=gk_BTHK, initial_state=s0, output_final_state=keep,
-                                           cu_seqlens=cu_seqlens)
+            o_BTHV, s = rec.op("gla", True)(
+                q=q, k=k, v=v, gk=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
+            )
         else:
-            o_BTHV, s = rec.op("gla", False)(q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep,
-                                            cu_seqlens=cu_seqlens)
+            o_BTHV, s = rec.op("gla", False)(
+                q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
+            )
         y = self.output(o_BTHV, x)
         return y, ({"recurrent": s, **new_state} if keep else None)
 

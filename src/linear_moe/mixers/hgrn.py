@@ -42,9 +42,18 @@ class HGRNAttention(Mixer):
     State: `recurrent` [B, I] (float32), plus `conv_i`/`conv_f` [B, I, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 1, layer_idx: int = 0, expand_ratio: int = 1,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False,
-                 elementwise_affine: bool = True, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 1,
+        layer_idx: int = 0,
+        expand_ratio: int = 1,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if expand_ratio < 1 or int(expand_ratio) != expand_ratio:
             raise ValueError(f"HGRNAttention: expand_ratio must be a positive integer, got {expand_ratio!r}")
@@ -65,9 +74,14 @@ class HGRNAttention(Mixer):
     def state_keys(self) -> list[str]:
         return ["recurrent"] + (rec.conv_state_keys("if") if self.use_short_conv else [])
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False, lower_bound: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+        lower_bound: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         T = x.shape[1]
@@ -80,8 +94,13 @@ class HGRNAttention(Mixer):
         i_BTI = F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)  # (1 - lambda) silu(i), float32: fla's state dtype
 
         fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, T))
-        o_BTI, h_BI = fn(x=i_BTI, g=log_f_BTI, initial_state=None if state is None else state["recurrent"],
-                         output_final_state=keep, cu_seqlens=cu_seqlens)
+        o_BTI, h_BI = fn(
+            x=i_BTI,
+            g=log_f_BTI,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         y = self.o_proj(self.g_norm(o_BTI.to(x.dtype), self.g_proj(x)))
         return y, ({"recurrent": h_BI, **new_state} if keep else None)
 

@@ -28,14 +28,25 @@ class HGRN2Attention(Mixer):
     `conv_i` [B, hidden_size, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_ratio: int | None = None,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False,
-                 elementwise_affine: bool = True, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_ratio: int | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         expand_ratio = hidden_size // num_heads if expand_ratio is None else expand_ratio
         if expand_ratio < 1 or hidden_size % num_heads:
-            raise ValueError(f"HGRN2Attention: expand_ratio={expand_ratio} must be >= 1 and num_heads={num_heads} "
-                             f"must divide hidden_size={hidden_size}")
+            raise ValueError(
+                f"HGRN2Attention: expand_ratio={expand_ratio} must be >= 1 and num_heads={num_heads} "
+                f"must divide hidden_size={hidden_size}"
+            )
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.head_f_dim, self.head_i_dim = expand_ratio, hidden_size // num_heads
         self.forget_dim = num_heads * expand_ratio
@@ -53,9 +64,14 @@ class HGRN2Attention(Mixer):
     def state_keys(self) -> list[str]:
         return ["recurrent"] + (rec.conv_state_keys("qfi") if self.use_short_conv else [])
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False, lower_bound: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+        lower_bound: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         T = x.shape[1]
@@ -74,8 +90,14 @@ class HGRN2Attention(Mixer):
         recurrent = rec.use_recurrent_kernel(self, state, T)
         gate = {"gk": g_BTHK} if recurrent else {"g": g_BTHK}  # fla names the key-wise gate differently
         o_BTHV, s_BHKV = rec.op("gla", recurrent)(
-            q=q_BTHK, k=k_BTHK, v=v_BTHV, **gate, initial_state=None if state is None else state["recurrent"],
-            output_final_state=keep, cu_seqlens=cu_seqlens)
+            q=q_BTHK,
+            k=k_BTHK,
+            v=v_BTHV,
+            **gate,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         y = self.o_proj(self.g_norm(o_BTHV.flatten(-2)))
         return y, ({"recurrent": s_BHKV, **new_state} if keep else None)
 

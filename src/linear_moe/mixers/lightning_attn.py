@@ -10,8 +10,9 @@ from linear_moe.mixers.base import MixerState
 from linear_moe.mixers.feature_maps import ELEMENTWISE
 
 
-def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int | None = None,
-                     device: torch.device | None = None) -> torch.Tensor:
+def lightning_slopes(
+    num_heads: int, layer_idx: int = 0, num_layers: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Per-head decay rates [H] (float32): lambda_h = exp(-slope_h), slope_h = 2^(-8 (h+1) / H) (ALiBi's slopes),
     scaled by MiniMax-01's layer factor 1 - layer_idx / (num_layers - 1) (+1e-5) when num_layers is given, so
     deeper layers decay more slowly. Made per call (not a buffer) so bfloat16 casts cannot round it."""
@@ -40,19 +41,33 @@ class LightningAttention(_linear.LinearMixer):
     State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
-                 expand_v: float = 1.0, num_kv_heads: int | None = None, activation: str | None = "silu",
-                 scale: float | None = 1.0, num_layers: int | None = None, use_output_gate: bool = True,
-                 gate_fn: str = "sigmoid", norm_per_head: bool = False, norm_eps: float = 1e-6,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 1.0,
+        expand_v: float = 1.0,
+        num_kv_heads: int | None = None,
+        activation: str | None = "silu",
+        scale: float | None = 1.0,
+        num_layers: int | None = None,
+        use_output_gate: bool = True,
+        gate_fn: str = "sigmoid",
+        norm_per_head: bool = False,
+        norm_eps: float = 1e-6,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+    ):
         super().__init__()
         if activation is not None and activation not in ELEMENTWISE:
-            raise ValueError(f"LightningAttention: unknown activation {activation!r}; valid: None, "
-                             f"{', '.join(ELEMENTWISE)}")
+            raise ValueError(
+                f"LightningAttention: unknown activation {activation!r}; valid: None, {', '.join(ELEMENTWISE)}"
+            )
         if num_layers is not None and not 0 <= layer_idx < num_layers:
             raise ValueError(f"LightningAttention: layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
-        hk, hv, hkv = _linear.head_dims("LightningAttention", hidden_size, num_heads, expand_k, expand_v,
-                                        num_kv_heads)
+        hk, hv, hkv = _linear.head_dims("LightningAttention", hidden_size, num_heads, expand_k, expand_v, num_kv_heads)
         self._init_qkv(hidden_size, num_heads, layer_idx, hk, hv, hkv, use_short_conv, conv_size, conv_bias)
         self._init_output(use_output_gate, gate_fn, norm_eps, norm_per_head)
         self.act = None if activation is None else ELEMENTWISE[activation]
@@ -65,8 +80,13 @@ class LightningAttention(_linear.LinearMixer):
     def state_keys(self) -> list[str]:
         return ["recurrent", *self.conv_keys()]
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
@@ -74,9 +94,16 @@ class LightningAttention(_linear.LinearMixer):
             q, k, v = self.act(q), self.act(k), self.act(v)
         k, v = self.repeat_kv(k, v)
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
-        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=self.log_decay(x.device), scale=self.scale,
-                       initial_state=None if state is None else state["recurrent"], output_final_state=keep,
-                       cu_seqlens=cu_seqlens)
+        o_BTHV, s = fn(
+            q=q,
+            k=k,
+            v=v,
+            g_gamma=self.log_decay(x.device),
+            scale=self.scale,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         y = self.output(o_BTHV, x)
         return y, ({"recurrent": s, **new_state} if keep else None)
 

@@ -32,11 +32,25 @@ class LinearAttention(_linear.LinearMixer):
     do_feature_map_norm, conv_q/k/v [B, C, W-1] with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
-                 expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str = "elementwise_product",
-                 tie_feature_map_qk: bool = False, norm_q: bool = False, norm_k: bool = False,
-                 do_feature_map_norm: bool = False, output_norm: str = "rmsnorm", norm_eps: float = 1e-5,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 1.0,
+        expand_v: float = 1.0,
+        num_kv_heads: int | None = None,
+        feature_map: str = "elementwise_product",
+        tie_feature_map_qk: bool = False,
+        norm_q: bool = False,
+        norm_k: bool = False,
+        do_feature_map_norm: bool = False,
+        output_norm: str = "rmsnorm",
+        norm_eps: float = 1e-5,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+    ):
         super().__init__()
         if output_norm not in OUTPUT_NORMS:
             raise ValueError(f"LinearAttention: output_norm must be one of {OUTPUT_NORMS}, got {output_norm!r}")
@@ -51,8 +65,13 @@ class LinearAttention(_linear.LinearMixer):
     def state_keys(self) -> list[str]:
         return self.linear_state_keys(self.normalize)
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)

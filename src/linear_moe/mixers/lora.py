@@ -20,8 +20,9 @@ class LoRA(nn.Module):
     LoRA outputs its bias (set it with `set_bias`).
     """
 
-    def __init__(self, input_dim: int, output_dim: int, low_rank_dim: int, bias: bool = True,
-                 activation: str | None = "tanh"):
+    def __init__(
+        self, input_dim: int, output_dim: int, low_rank_dim: int, bias: bool = True, activation: str | None = "tanh"
+    ):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"LoRA: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")

@@ -46,12 +46,27 @@ class Mamba2(Mixer):
     `conv_xbc` [B, I + 2*n_groups*N, W-1].
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand: int = 2,
-                 state_size: int = 128, n_groups: int = 1, conv_kernel: int = 4, use_conv_bias: bool = True,
-                 A_init_range: tuple[float, float] = (1.0, 16.0), D_has_hdim: bool = False, rmsnorm: bool = True,
-                 norm_before_gate: bool = False, dt_min: float = 1e-3, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = (0.0, float("inf")),
-                 use_bias: bool = False, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand: int = 2,
+        state_size: int = 128,
+        n_groups: int = 1,
+        conv_kernel: int = 4,
+        use_conv_bias: bool = True,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        use_bias: bool = False,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         inner = int(expand * hidden_size)
         if inner % num_heads:
@@ -77,8 +92,13 @@ class Mamba2(Mixer):
             self.norm = GroupedGatedRMSNorm(inner, inner // n_groups, norm_eps, norm_before_gate)
         self.out_proj = nn.Linear(inner, hidden_size, bias=use_bias)
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, ["recurrent", "conv_xbc"])
         keep = use_cache or state is not None
         T = x.shape[1]
@@ -93,9 +113,16 @@ class Mamba2(Mixer):
         g_BTH = -rec.acc(self.A_log).exp() * dt_BTH
 
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, T))
-        o_BTHP, s_BHNP = fn(q=c_BTHN, k=b_BTHN, v=(rec.acc(x_BTHP) * dt_BTH[..., None]).to(x.dtype), g=g_BTH,
-                            scale=1.0, initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens)
+        o_BTHP, s_BHNP = fn(
+            q=c_BTHN,
+            k=b_BTHN,
+            v=(rec.acc(x_BTHP) * dt_BTH[..., None]).to(x.dtype),
+            g=g_BTH,
+            scale=1.0,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         D = self.D.view(H, P) if self.D_has_hdim else self.D[:, None]
         y = (rec.acc(o_BTHP) + rec.acc(x_BTHP) * rec.acc(D)).flatten(-2).to(x.dtype)
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)

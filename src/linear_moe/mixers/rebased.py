@@ -20,9 +20,19 @@ class ReBasedLinearAttention(BasedLinearAttention):
     State: as Based: `recurrent` [B, H, K', V], `normalizer` [B, 1, H, K'], conv_q/k/v with short convs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, feature_dim: int = 16,
-                 use_gamma: bool = True, use_beta: bool = True, normalize: bool = True,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        feature_dim: int = 16,
+        use_gamma: bool = True,
+        use_beta: bool = True,
+        normalize: bool = True,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+    ):
         self._map_opts = dict(use_gamma=use_gamma, use_beta=use_beta, normalize=normalize)
         super().__init__(hidden_size, num_heads, layer_idx, feature_dim, use_short_conv, conv_size, conv_bias)
 

@@ -33,17 +33,29 @@ class MultiScaleRetention(_linear.LinearMixer):
     State: `recurrent` [B, H, K, V] (float32), `pos` [B] tokens seen (RoPE offset), conv_q/k/v [B, C, W-1].
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 1.0,
-                 expand_v: float = 2.0, num_kv_heads: int | None = None, feature_map: str | None = None,
-                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False,
-                 use_output_gate: bool = True, gate_fn: str = "swish", norm_eps: float = 1e-5,
-                 rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 1.0,
+        expand_v: float = 2.0,
+        num_kv_heads: int | None = None,
+        feature_map: str | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        use_output_gate: bool = True,
+        gate_fn: str = "swish",
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+    ):
         super().__init__()
         if feature_map is not None and feature_map not in ELEMENTWISE:
-            raise ValueError(f"MultiScaleRetention: unknown feature_map {feature_map!r}; valid: None, "
-                             f"{', '.join(ELEMENTWISE)}")
-        hk, hv, hkv = _linear.head_dims("MultiScaleRetention", hidden_size, num_heads, expand_k, expand_v,
-                                        num_kv_heads)
+            raise ValueError(
+                f"MultiScaleRetention: unknown feature_map {feature_map!r}; valid: None, {', '.join(ELEMENTWISE)}"
+            )
+        hk, hv, hkv = _linear.head_dims("MultiScaleRetention", hidden_size, num_heads, expand_k, expand_v, num_kv_heads)
         if hk % 2:
             raise ValueError(f"MultiScaleRetention: head key dim {hk} must be even for RoPE (adjust expand_k)")
         self._init_qkv(hidden_size, num_heads, layer_idx, hk, hv, hkv, use_short_conv, conv_size, conv_bias)
@@ -54,8 +66,13 @@ class MultiScaleRetention(_linear.LinearMixer):
     def state_keys(self) -> list[str]:
         return ["recurrent", "pos", *self.conv_keys()]
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, self.state_keys())
         keep = use_cache or state is not None
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
@@ -65,9 +82,15 @@ class MultiScaleRetention(_linear.LinearMixer):
         q, k = self.rotary(q, pos_BT), self.rotary(k, pos_BT)
         k, v = self.repeat_kv(k, v)
         fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
-        o_BTHV, s = fn(q=q, k=k, v=v, g_gamma=retention_log_decay(self.num_heads, x.device),
-                       initial_state=None if state is None else state["recurrent"], output_final_state=keep,
-                       cu_seqlens=cu_seqlens)
+        o_BTHV, s = fn(
+            q=q,
+            k=k,
+            v=v,
+            g_gamma=retention_log_decay(self.num_heads, x.device),
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         y = self.output(o_BTHV, x)
         return y, ({"recurrent": s, "pos": pos_end, **new_state} if keep else None)
 

@@ -38,14 +38,15 @@ class RotaryEmbedding(nn.Module):
         pos = positions if positions.dim() == 2 else positions[None]  # [B|1, T]
         angle_BTF = pos.to(acc)[..., None] * inv_freq_F  # [B, T, dim/2]
         angle_BT1R = torch.cat([angle_BTF, angle_BTF], dim=-1)[:, :, None, :]  # [B, T, 1, dim]
-        xr, xp = x_BTHD[..., : self.dim], x_BTHD[..., self.dim:]
+        xr, xp = x_BTHD[..., : self.dim], x_BTHD[..., self.dim :]
         xr32 = xr.to(acc)
         out = xr32 * angle_BT1R.cos() + rotate_half(xr32) * angle_BT1R.sin()
         return torch.cat([out.to(x_BTHD.dtype), xp], dim=-1) if xp.shape[-1] else out.to(x_BTHD.dtype)
 
 
-def token_positions(x: torch.Tensor, start: torch.Tensor | None, cu_seqlens: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_positions(
+    x: torch.Tensor, start: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of x's tokens and the count after them. `start` [B] (or [N] documents) is the number of tokens
     already seen (None: 0). Returns (positions [B, T] (packed: [1, T_total], restarting per document), end [B|N])."""
     B, T = x.shape[:2]

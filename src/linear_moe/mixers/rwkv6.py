@@ -33,8 +33,11 @@ class DDLerpLinear(nn.Module):
 
     def __init__(self, input_dim: int, output_dim: int, low_rank_dim: int | None = None):
         super().__init__()
-        self.linear = nn.Linear(input_dim, output_dim, bias=False) if low_rank_dim is None \
+        self.linear = (
+            nn.Linear(input_dim, output_dim, bias=False)
+            if low_rank_dim is None
             else LoRA(input_dim, output_dim, low_rank_dim)
+        )
 
     def forward(self, x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.linear(x + delta * mu)
@@ -53,17 +56,32 @@ class RWKV6Attention(Mixer):
     State: `recurrent` [B, H, K, V] (float32), `shift` [B, hidden_size] (the previous token).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, expand_k: float = 0.5,
-                 expand_v: float = 1.0, gate_fn: str = "swish", proj_low_rank_dim: int = 32,
-                 gate_low_rank_dim: int = 64, elementwise_affine: bool = True, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_fn: str = "swish",
+        proj_low_rank_dim: int = 32,
+        gate_low_rank_dim: int = 64,
+        elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if gate_fn not in GATE_FNS:
             raise ValueError(f"RWKV6Attention: gate_fn must be one of {list(GATE_FNS)}, got {gate_fn!r}")
         key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        if not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim))) \
-                or round(key_dim) % num_heads or round(value_dim) % num_heads:
-            raise ValueError(f"RWKV6Attention: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
-                             f"must be integers divisible by num_heads={num_heads}")
+        if (
+            not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim)))
+            or round(key_dim) % num_heads
+            or round(value_dim) % num_heads
+        ):
+            raise ValueError(
+                f"RWKV6Attention: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
+                f"must be integers divisible by num_heads={num_heads}"
+            )
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.key_dim, self.value_dim = round(key_dim), round(value_dim)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
@@ -93,8 +111,13 @@ class RWKV6Attention(Mixer):
             if isinstance(m, nn.Linear) and id(m) not in loras:
                 nn.init.xavier_uniform_(m.weight, gain=2**-2.5)
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, ["recurrent", "shift"])
         B, T, D = x.shape
         H = self.num_heads
@@ -112,9 +135,17 @@ class RWKV6Attention(Mixer):
 
         keep = use_cache or state is not None
         fn = rec.op("rwkv6", rec.use_recurrent_kernel(self, state, T))
-        o_BTHV, s_BHKV = fn(r=r_BTHK, k=k_BTHK, v=v_BTHV, w=w_BTHK, u=self.bonus, scale=1.0,
-                            initial_state=None if state is None else state["recurrent"],
-                            output_final_state=keep, cu_seqlens=cu_seqlens)
+        o_BTHV, s_BHKV = fn(
+            r=r_BTHK,
+            k=k_BTHK,
+            v=v_BTHV,
+            w=w_BTHK,
+            u=self.bonus,
+            scale=1.0,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+        )
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
         y = self.o_proj(o * self.gate_fn(g))
         return y, ({"recurrent": s_BHKV, "shift": shift_ND} if keep else None)

@@ -40,16 +40,28 @@ class RWKV7Attention(Mixer):
     State: `recurrent` [B, H, K, V] (float32), `shift` [B, hidden_size] (the previous token).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, value_dim: int | None = None,
-                 decay_low_rank_dim: int | None = None, a_low_rank_dim: int | None = None,
-                 gate_low_rank_dim: int | None = None, elementwise_affine: bool = True, norm_eps: float = 1e-5,
-                 num_hidden_layers: int | None = None, value_residual: bool = True,
-                 v_low_rank_dim: int | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        layer_idx: int = 0,
+        value_dim: int | None = None,
+        decay_low_rank_dim: int | None = None,
+        a_low_rank_dim: int | None = None,
+        gate_low_rank_dim: int | None = None,
+        elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+        num_hidden_layers: int | None = None,
+        value_residual: bool = True,
+        v_low_rank_dim: int | None = None,
+    ):
         super().__init__()
         value_dim = hidden_size if value_dim is None else value_dim
         if hidden_size % num_heads or value_dim % num_heads or hidden_size // num_heads < 2:
-            raise ValueError(f"RWKV7Attention: num_heads={num_heads} must divide hidden_size={hidden_size} and "
-                             f"value_dim={value_dim} with head_dim >= 2")
+            raise ValueError(
+                f"RWKV7Attention: num_heads={num_heads} must divide hidden_size={hidden_size} and "
+                f"value_dim={value_dim} with head_dim >= 2"
+            )
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.key_dim, self.value_dim = hidden_size, value_dim
         self.head_dim, self.head_v_dim = hidden_size // num_heads, value_dim // num_heads
@@ -71,8 +83,11 @@ class RWKV7Attention(Mixer):
         self.w_lora = LoRA(hidden_size, self.key_dim, decay_low_rank_dim, activation="tanh")
         self.a_lora = LoRA(hidden_size, self.key_dim, a_low_rank_dim, activation=None)
         self.g_lora = LoRA(hidden_size, self.value_dim, gate_low_rank_dim, activation="sigmoid", bias=False)
-        self.v_lora = (LoRA(hidden_size, self.value_dim, v_low_rank_dim or _lora_rank(1.7, hidden_size, factor),
-                            activation=None) if value_residual and layer_idx > 0 else None)
+        self.v_lora = (
+            LoRA(hidden_size, self.value_dim, v_low_rank_dim or _lora_rank(1.7, hidden_size, factor), activation=None)
+            if value_residual and layer_idx > 0
+            else None
+        )
         self.g_norm = nn.GroupNorm(num_heads, self.value_dim, eps=self.head_dim * norm_eps, affine=elementwise_affine)
         self.reset_parameters()
 
@@ -104,15 +119,21 @@ class RWKV7Attention(Mixer):
         nn.init.orthogonal_(self.v_proj.weight)
         nn.init.zeros_(self.o_proj.weight)
 
-    def forward(self, x: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False, shared: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, MixerState | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+        shared: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, MixerState | None]:
         rec.check_call(self, x, state, cu_seqlens, ["recurrent", "shift"])
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         delta, shift_ND = token_shift(x, None if state is None else state["shift"], cu_seqlens)
-        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, mu) for mu in
-                                  (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        xr, xw, xk, xv, xa, xg = (
+            torch.addcmul(x, delta, mu) for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        )
         r = self.r_proj(xr)
         w = LOG_DECAY_MIN * rec.acc(self.w_lora(xw)).sigmoid()  # log decay
         k = self.k_proj(xk)
@@ -133,9 +154,18 @@ class RWKV7Attention(Mixer):
         # as fla's layer: the decay bound lets fla's chunk kernel use its 64-token tensor-core scheme
         tuning = {} if recurrent else {"safe_gate": True, "lower_bound": LOG_DECAY_MIN, "chunk_size": 64}
         o_BTHV, s_BHKV = rec.op("rwkv7", recurrent)(
-            r=r_BTHK, w=w.unflatten(-1, (H, K)), k=k_BTHK, v=v_BTHV, a=-kk_BTHK, b=kk_BTHK * a_BTHK, scale=1.0,
-            initial_state=None if state is None else state["recurrent"], output_final_state=keep,
-            cu_seqlens=cu_seqlens, **tuning)
+            r=r_BTHK,
+            w=w.unflatten(-1, (H, K)),
+            k=k_BTHK,
+            v=v_BTHV,
+            a=-kk_BTHK,
+            b=kk_BTHK * a_BTHK,
+            scale=1.0,
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=keep,
+            cu_seqlens=cu_seqlens,
+            **tuning,
+        )
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
         bonus_BTH1 = (r_BTHK * k_BTHK * self.r_k).sum(-1, keepdim=True)
         o = (o + (bonus_BTH1 * v_BTHV).flatten(-2)) * g
@@ -143,5 +173,6 @@ class RWKV7Attention(Mixer):
 
     def sequence_flops(self, seq_len: int) -> float:
         # Chunked generalized delta rule (DPLR, WY form): like DeltaNet's plus the a/b products per chunk.
-        return self.num_heads * rec.chunked_flops(seq_len, self.head_dim, self.head_v_dim,
-                                                  extra_ck=4, extra_cv=1, extra_kv=2)
+        return self.num_heads * rec.chunked_flops(
+            seq_len, self.head_dim, self.head_v_dim, extra_ck=4, extra_cv=1, extra_kv=2
+        )

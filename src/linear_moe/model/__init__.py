@@ -5,5 +5,12 @@ from linear_moe.model.flops import count_params, flops_per_token
 from linear_moe.model.lm import LinearMoEForCausalLM, LMOutput
 from linear_moe.model.presets import PRESETS, get_preset
 
-__all__ = ["PRESETS", "LMOutput", "LinearMoEForCausalLM", "ModelConfig", "count_params", "flops_per_token",
-           "get_preset"]
+__all__ = [
+    "PRESETS",
+    "LMOutput",
+    "LinearMoEForCausalLM",
+    "ModelConfig",
+    "count_params",
+    "flops_per_token",
+    "get_preset",
+]

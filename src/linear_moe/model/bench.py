@@ -45,8 +45,15 @@ def parse_shape(spec: str) -> tuple[int, int, bool]:
     return b, t, layout == "packed"
 
 
-def bench_shape(model: LinearMoEForCausalLM, spec: str, steps: int, warmup: int, peak: float,
-                autocast: bool = True, profile_rows: int = 0) -> BenchResult:
+def bench_shape(
+    model: LinearMoEForCausalLM,
+    spec: str,
+    steps: int,
+    warmup: int,
+    peak: float,
+    autocast: bool = True,
+    profile_rows: int = 0,
+) -> BenchResult:
     """Time `steps` forward+backward steps of shape `spec` on the model's device (CUDA events on GPU; wall clock
     on CPU, which only smoke-tests the script); `profile_rows` > 0 then prints a torch.profiler table."""
     b, t, packed = parse_shape(spec)
@@ -116,27 +123,47 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak", type=float, default=989e12, help="peak bf16 FLOP/s for MFU")
-    p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
-                   help="autocast: fp32 weights + bf16 autocast; bf16: bf16 weights, no autocast")
+    p.add_argument(
+        "--precision",
+        choices=("autocast", "bf16"),
+        default="autocast",
+        help="autocast: fp32 weights + bf16 autocast; bf16: bf16 weights, no autocast",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--no-fused-ce", action="store_true", help="plain cross-entropy (materialises logits)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block in backward (as train.activation_checkpointing)")
-    p.add_argument("--checkpoint-experts", action="store_true",
-                   help="recompute only the routed experts in backward (as train.checkpoint_experts)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block in backward (as train.activation_checkpointing)",
+    )
+    p.add_argument(
+        "--checkpoint-experts",
+        action="store_true",
+        help="recompute only the routed experts in backward (as train.checkpoint_experts)",
+    )
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size (e.g. 32000)")
-    p.add_argument("--autotune", choices=MODES, default="full",
-                   help="Triton configs fla's autotuners try: full (fla's lists), few (three) or one; a cold "
-                        "full autotune of the A0.3B-2B step takes minutes")
-    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="after timing, profile two steps and print the ROWS ops with the most device time")
+    p.add_argument(
+        "--autotune",
+        choices=MODES,
+        default="full",
+        help="Triton configs fla's autotuners try: full (fla's lists), few (three) or one; a cold "
+        "full autotune of the A0.3B-2B step takes minutes",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after timing, profile two steps and print the ROWS ops with the most device time",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: the model bench needs a CUDA GPU; --device cpu only smoke-tests the script")
     limit_autotune(args.autotune)
-    cfg = get_preset(args.preset).replace(mixer=args.mixer, layer_pattern=args.layer_pattern,
-                                          fuse_linear_cross_entropy=not args.no_fused_ce)
+    cfg = get_preset(args.preset).replace(
+        mixer=args.mixer, layer_pattern=args.layer_pattern, fuse_linear_cross_entropy=not args.no_fused_ce
+    )
     if args.vocab is not None:
         cfg = cfg.replace(vocab_size=args.vocab)
     torch.manual_seed(0)
@@ -146,15 +173,27 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     from linear_moe.train.trainer import apply_step_options
 
     apply_step_options(model, args.activation_checkpointing, args.checkpoint_experts, args.compile)
-    print(f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
-          f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
-          f"autotune={args.autotune} ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}")
+    print(
+        f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
+        f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} compile={args.compile} "
+        f"autotune={args.autotune} ac={args.activation_checkpointing} ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}"
+    )
     results = []
     for spec in args.shape or ["32x2048", "4x16384:packed"]:
-        r = bench_shape(model, spec, args.steps, args.warmup, args.peak, autocast=args.precision == "autocast",
-                        profile_rows=args.profile)
-        print(f"  {r.shape:>16}: {r.tokens_per_s / 1e3:8.1f}k tokens/s  MFU {100 * r.mfu:5.1f}%  "
-              f"max mem {r.max_mem_gib:6.1f} GiB", flush=True)
+        r = bench_shape(
+            model,
+            spec,
+            args.steps,
+            args.warmup,
+            args.peak,
+            autocast=args.precision == "autocast",
+            profile_rows=args.profile,
+        )
+        print(
+            f"  {r.shape:>16}: {r.tokens_per_s / 1e3:8.1f}k tokens/s  MFU {100 * r.mfu:5.1f}%  "
+            f"max mem {r.max_mem_gib:6.1f} GiB",
+            flush=True,
+        )
         results.append(r)
     return results
 

@@ -51,7 +51,9 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.first_k_dense <= self.num_layers:
-            raise ValueError(f"ModelConfig.first_k_dense={self.first_k_dense} must be in [0, num_layers={self.num_layers}]")
+            raise ValueError(
+                f"ModelConfig.first_k_dense={self.first_k_dense} must be in [0, num_layers={self.num_layers}]"
+            )
         self.layer_mixers()  # validates layer_pattern
 
     def layer_mixers(self) -> list[str]:
@@ -59,11 +61,15 @@ class ModelConfig:
         pattern = self.layer_pattern or "L"
         bad = sorted(set(pattern) - set(PATTERN_LETTERS))
         if bad:
-            raise ValueError(f"layer_pattern {pattern!r} has unknown letters {bad}; valid letters: "
-                             + ", ".join(f"{k} = {v}" for k, v in PATTERN_LETTERS.items()))
+            raise ValueError(
+                f"layer_pattern {pattern!r} has unknown letters {bad}; valid letters: "
+                + ", ".join(f"{k} = {v}" for k, v in PATTERN_LETTERS.items())
+            )
         if self.num_layers % len(pattern):
-            raise ValueError(f"layer_pattern {pattern!r} (length {len(pattern)}) must have num_layers={self.num_layers} "
-                             f"letters or tile them exactly (a length dividing {self.num_layers})")
+            raise ValueError(
+                f"layer_pattern {pattern!r} (length {len(pattern)}) must have num_layers={self.num_layers} "
+                f"letters or tile them exactly (a length dividing {self.num_layers})"
+            )
         full = pattern * (self.num_layers // len(pattern))
         return [self.mixer if c == "L" else "attention" for c in full]
 

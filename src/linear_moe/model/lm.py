@@ -38,18 +38,34 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mixer = build_mixer(cfg.layer_mixers()[layer_idx], cfg.hidden_size, cfg.num_heads, layer_idx,
-                                 **cfg.layer_mixer_kwargs(layer_idx))
+        self.mixer = build_mixer(
+            cfg.layer_mixers()[layer_idx],
+            cfg.hidden_size,
+            cfg.num_heads,
+            layer_idx,
+            **cfg.layer_mixer_kwargs(layer_idx),
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.takes_lower_bound = uses_lower_bound(self.mixer)
         self.takes_shared = "shared" in inspect.signature(self.mixer.forward).parameters
 
-    def forward(self, x_BTD: torch.Tensor, state: MixerState | None = None, cu_seqlens: torch.Tensor | None = None,
-                use_cache: bool = False, **mixer_kwargs):
-        y_BTD, new_state = self.mixer(compute_dtype(self.attn_norm(x_BTD)), state=state, cu_seqlens=cu_seqlens,
-                                      use_cache=use_cache, **mixer_kwargs)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        state: MixerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = False,
+        **mixer_kwargs,
+    ):
+        y_BTD, new_state = self.mixer(
+            compute_dtype(self.attn_norm(x_BTD)),
+            state=state,
+            cu_seqlens=cu_seqlens,
+            use_cache=use_cache,
+            **mixer_kwargs,
+        )
         x_BTD = x_BTD + y_BTD
         h_BTD = compute_dtype(self.ffn_norm(x_BTD))
         aux = None
@@ -76,7 +92,9 @@ def uses_lower_bound(mixer: nn.Module) -> bool:
 
 def forget_gate_dim(layers: nn.ModuleList) -> int:
     """Width of the forget-gate lower bounds of the HGRN-style layers (0 when there are none)."""
-    dims = {getattr(b.mixer, "forget_dim", getattr(b.mixer, "input_dim", 0)) for b in layers if uses_lower_bound(b.mixer)}
+    dims = {
+        getattr(b.mixer, "forget_dim", getattr(b.mixer, "input_dim", 0)) for b in layers if uses_lower_bound(b.mixer)
+    }
     if len(dims) > 1:
         raise ValueError(f"HGRN layers with different forget-gate widths {sorted(dims)}; use one width")
     return dims.pop() if dims else 0
@@ -116,17 +134,24 @@ class LinearMoEForCausalLM(nn.Module):
         """The `MoELayer`s in layer order (the trainer updates their bias from `expert_load`)."""
         return [b.ffn for b in self.layers if b.is_moe]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, states: list[MixerState | None] | None = None,
-                use_cache: bool = False) -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        states: list[MixerState | None] | None = None,
+        use_cache: bool = False,
+    ) -> LMOutput:
         """input_ids, labels [B, T] (labels already aligned, -100 ignored); states: one per layer or None."""
         if states is not None and len(states) != len(self.layers):
             raise ValueError(f"states: expected one state per layer ({len(self.layers)}), got {len(states)}")
         if cu_seqlens is not None:  # checked once here (one host sync); the ops skip it for CUDA offsets
             bounds = cu_seqlens[[0, -1]].tolist() if cu_seqlens.dim() == 1 and len(cu_seqlens) else None
             if input_ids.shape[0] != 1 or bounds != [0, input_ids.shape[1]]:
-                raise ValueError(f"cu_seqlens must be 1-D offsets from 0 to T={input_ids.shape[1]} with batch size 1, "
-                                 f"got shape {tuple(cu_seqlens.shape)} for input_ids {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"cu_seqlens must be 1-D offsets from 0 to T={input_ids.shape[1]} with batch size 1, "
+                    f"got shape {tuple(cu_seqlens.shape)} for input_ids {tuple(input_ids.shape)}"
+                )
         keep_states = use_cache or states is not None
         x_BTD = self.embed_tokens(input_ids)
         new_states, auxes = [], []

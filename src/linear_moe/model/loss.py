@@ -33,8 +33,9 @@ def fused_available(h: torch.Tensor) -> bool:
     return h.is_cuda and _fused_ce_cls() is not None
 
 
-def causal_lm_loss(h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor | None,
-                   fuse: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def causal_lm_loss(
+    h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor | None, fuse: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(loss, logits) for final hidden states `h_BTD` and LM-head weight `weight_VD`.
 
     loss = mean CE over targets != -100 (labels already aligned; None without labels; 0 when every target is

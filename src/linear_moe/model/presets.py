@@ -36,12 +36,25 @@ def _debug(family: str) -> ModelConfig:
 
 
 def _linear_moe(hidden: int, layers: int, heads: int, expert_ffn: int, dense: bool) -> ModelConfig:
-    base = dict(vocab_size=QWEN2_VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads, max_seq_len=2048,
-                rope_theta=10000.0)
+    base = dict(
+        vocab_size=QWEN2_VOCAB,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        max_seq_len=2048,
+        rope_theta=10000.0,
+    )
     if dense:
         return ModelConfig(**base, ffn_hidden_size=8 * expert_ffn)
-    moe = _moe("qwen2-moe", num_experts=64, top_k=8, expert_ffn_hidden_size=expert_ffn, num_shared_experts=0,
-               shared_expert_gate=False, init_std=0.02)
+    moe = _moe(
+        "qwen2-moe",
+        num_experts=64,
+        top_k=8,
+        expert_ffn_hidden_size=expert_ffn,
+        num_shared_experts=0,
+        shared_expert_gate=False,
+        init_std=0.02,
+    )
     return ModelConfig(**base, ffn_hidden_size=8 * expert_ffn, moe=moe)
 
 

@@ -5,5 +5,18 @@ from linear_moe.moe.experts import MLP, GroupedExperts, SwiGLU, grouped_matmul
 from linear_moe.moe.layer import MoEAux, MoELayer
 from linear_moe.moe.router import Router, Routing, route
 
-__all__ = ["FAMILIES", "MLP", "GroupedExperts", "MoEAux", "MoEConfig", "MoELayer", "Router", "Routing", "SwiGLU",
-           "grouped_matmul", "moe_param_counts", "moe_preset", "route"]
+__all__ = [
+    "FAMILIES",
+    "MLP",
+    "GroupedExperts",
+    "MoEAux",
+    "MoEConfig",
+    "MoELayer",
+    "Router",
+    "Routing",
+    "SwiGLU",
+    "grouped_matmul",
+    "moe_param_counts",
+    "moe_preset",
+    "route",
+]

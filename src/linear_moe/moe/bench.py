@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
 
     ms = cuda_time_ms(gemm_step)
     flops = 18.0 * T * k * D * F
-    print(f"grouped experts fwd+bwd E={E} top-{k} D={D} F={F} tokens={T} ({a.backend}): "
-          f"{ms:.2f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+    print(
+        f"grouped experts fwd+bwd E={E} top-{k} D={D} F={F} tokens={T} ({a.backend}): "
+        f"{ms:.2f} ms, {flops / ms / 1e9:.1f} TFLOP/s"
+    )
 
     layer = MoELayer(moe_preset("mixtral", num_experts=E, top_k=k, expert_ffn_hidden_size=F), D, a.backend).to(dev, dt)
     x_BTD = torch.randn(1, T, D, device=dev, dtype=dt, requires_grad=True)
@@ -66,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         (y.float().square().mean() + aux.loss).backward()
 
     ms = cuda_time_ms(layer_step)
-    print(f"MoELayer fwd+bwd (router + dispatch + experts + combine): {ms:.2f} ms, "
-          f"{flops / ms / 1e9:.1f} expert TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(
+        f"MoELayer fwd+bwd (router + dispatch + experts + combine): {ms:.2f} ms, "
+        f"{flops / ms / 1e9:.1f} expert TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )
 
 
 if __name__ == "__main__":

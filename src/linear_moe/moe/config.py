@@ -55,8 +55,11 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.family = canonical_family(self.family)
-        for name, choices in (("score_func", SCORE_FUNCS), ("group_score", GROUP_SCORES),
-                              ("drop_policy", DROP_POLICIES)):
+        for name, choices in (
+            ("score_func", SCORE_FUNCS),
+            ("group_score", GROUP_SCORES),
+            ("drop_policy", DROP_POLICIES),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}; valid choices: {', '.join(choices)}")
         for name in ("num_experts", "top_k", "expert_ffn_hidden_size", "n_group", "topk_group", "num_devices"):
@@ -69,8 +72,10 @@ class MoEConfig:
         if self.topk_group > self.n_group:
             raise ValueError(f"MoEConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
         if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
-            raise ValueError(f"MoEConfig: topk_group={self.topk_group} groups of {self.num_experts // self.n_group} "
-                             f"experts hold fewer than top_k={self.top_k} experts")
+            raise ValueError(
+                f"MoEConfig: topk_group={self.topk_group} groups of {self.num_experts // self.n_group} "
+                f"experts hold fewer than top_k={self.top_k} experts"
+            )
         if self.num_experts % self.num_devices:
             raise ValueError(f"MoEConfig.num_devices={self.num_devices} must divide num_experts={self.num_experts}")
         if self.num_shared_experts < 0:
@@ -97,20 +102,56 @@ class MoEConfig:
 # Published defaults. Sources: Mixtral-8x7B (arXiv:2401.04088, HF MixtralConfig), Qwen1.5-MoE-A2.7B (HF
 # Qwen2MoeConfig), DeepSeek-V2 (arXiv:2405.04434, Sec. 4.1 / HF config), DeepSeek-V3 (arXiv:2412.19437, Sec. 4.2).
 _PRESETS: dict[str, dict[str, Any]] = {
-    "mixtral": dict(num_experts=8, top_k=2, expert_ffn_hidden_size=14336, score_func="softmax", norm_topk_prob=True,
-                    balance_coef=0.02),
-    "qwen2_moe": dict(num_experts=60, top_k=4, expert_ffn_hidden_size=1408, score_func="softmax",
-                      norm_topk_prob=False, num_shared_experts=1, shared_expert_ffn_hidden_size=5632,
-                      shared_expert_gate=True, balance_coef=0.001),
-    "deepseek_v2": dict(num_experts=160, top_k=6, expert_ffn_hidden_size=1536, score_func="softmax",
-                        norm_topk_prob=False, routed_scaling_factor=16.0, n_group=8, topk_group=3,
-                        group_score="max", num_shared_experts=2, balance_coef=0.003, balance_seq_wise=True,
-                        device_balance_coef=0.05,
-                        num_devices=8),
-    "deepseek_v3": dict(num_experts=256, top_k=8, expert_ffn_hidden_size=2048, score_func="sigmoid",
-                        norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4,
-                        group_score="top2_sum", num_shared_experts=1, balance_coef=0.0001, balance_seq_wise=True,
-                        bias_update_rate=0.001),
+    "mixtral": dict(
+        num_experts=8,
+        top_k=2,
+        expert_ffn_hidden_size=14336,
+        score_func="softmax",
+        norm_topk_prob=True,
+        balance_coef=0.02,
+    ),
+    "qwen2_moe": dict(
+        num_experts=60,
+        top_k=4,
+        expert_ffn_hidden_size=1408,
+        score_func="softmax",
+        norm_topk_prob=False,
+        num_shared_experts=1,
+        shared_expert_ffn_hidden_size=5632,
+        shared_expert_gate=True,
+        balance_coef=0.001,
+    ),
+    "deepseek_v2": dict(
+        num_experts=160,
+        top_k=6,
+        expert_ffn_hidden_size=1536,
+        score_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=16.0,
+        n_group=8,
+        topk_group=3,
+        group_score="max",
+        num_shared_experts=2,
+        balance_coef=0.003,
+        balance_seq_wise=True,
+        device_balance_coef=0.05,
+        num_devices=8,
+    ),
+    "deepseek_v3": dict(
+        num_experts=256,
+        top_k=8,
+        expert_ffn_hidden_size=2048,
+        score_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_group=8,
+        topk_group=4,
+        group_score="top2_sum",
+        num_shared_experts=1,
+        balance_coef=0.0001,
+        balance_seq_wise=True,
+        bias_update_rate=0.001,
+    ),
     "custom": dict(),
 }
 
@@ -133,11 +174,14 @@ def moe_preset(family: str, **overrides: Any) -> MoEConfig:
             kwargs["topk_group"] = min(kwargs["topk_group"], kwargs["n_group"])
     shared = kwargs.get("shared_expert_ffn_hidden_size")
     if shared and "expert_ffn_hidden_size" in overrides and "shared_expert_ffn_hidden_size" not in overrides:
-        kwargs["shared_expert_ffn_hidden_size"] = shared * overrides["expert_ffn_hidden_size"] // kwargs[
-            "expert_ffn_hidden_size"]
+        kwargs["shared_expert_ffn_hidden_size"] = (
+            shared * overrides["expert_ffn_hidden_size"] // kwargs["expert_ffn_hidden_size"]
+        )
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MoEConfig)})
     if unknown:
-        raise ValueError(f"unknown MoEConfig fields {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(MoEConfig))}")
+        raise ValueError(
+            f"unknown MoEConfig fields {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(MoEConfig))}"
+        )
     kwargs.update(overrides)
     return MoEConfig(**kwargs)
 
@@ -146,6 +190,12 @@ def moe_param_counts(cfg: MoEConfig, hidden_size: int) -> dict[str, int]:
     """Parameter counts of `MoELayer(cfg, hidden_size)`: experts_total, experts_active (top_k experts), router
     (gate [E, D]), shared (shared SwiGLU + its gate). Buffers (expert_bias) are not parameters."""
     per_expert = 3 * hidden_size * cfg.expert_ffn_hidden_size
-    shared = 3 * hidden_size * cfg.shared_ffn_size + (hidden_size if cfg.shared_expert_gate and cfg.shared_ffn_size else 0)
-    return {"experts_total": cfg.num_experts * per_expert, "experts_active": cfg.top_k * per_expert,
-            "router": cfg.num_experts * hidden_size, "shared": shared}
+    shared = 3 * hidden_size * cfg.shared_ffn_size + (
+        hidden_size if cfg.shared_expert_gate and cfg.shared_ffn_size else 0
+    )
+    return {
+        "experts_total": cfg.num_experts * per_expert,
+        "experts_active": cfg.top_k * per_expert,
+        "router": cfg.num_experts * hidden_size,
+        "shared": shared,
+    }

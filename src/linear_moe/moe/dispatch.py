@@ -30,8 +30,13 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def dispatch(experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
-             capacity_factor: float | None = None, drop_policy: str = "weight") -> Dispatch:
+def dispatch(
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float | None = None,
+    drop_policy: str = "weight",
+) -> Dispatch:
     """Sort the T*k assignments by expert (argsort of the flat expert ids; within an expert, by token position).
 
     With `capacity_factor`, each expert keeps at most `expert_capacity(...)` assignments: the highest router weights

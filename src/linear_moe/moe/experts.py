@@ -43,8 +43,9 @@ def grouped_mm_supported(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
     return ok_dtype and _aligned(x_NK) and _aligned(w_EKM)
 
 
-def grouped_matmul(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto"
-                   ) -> torch.Tensor:
+def grouped_matmul(
+    x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
     """Rows of x sorted by group, group e = the next counts_E[e] rows: out[rows of e] = x[rows of e] @ w[e].
 
     backend "grouped_mm": one `torch._grouped_mm` (offsets = int32 cumulative counts; group sizes need no

@@ -37,8 +37,11 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, hidden_size)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_ffn_hidden_size, backend)
         self.shared_experts = SwiGLU(hidden_size, cfg.shared_ffn_size) if cfg.shared_ffn_size else None
-        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
-                                   if cfg.shared_expert_gate and self.shared_experts is not None else None)
+        self.shared_expert_gate = (
+            nn.Linear(hidden_size, 1, bias=False)
+            if cfg.shared_expert_gate and self.shared_experts is not None
+            else None
+        )
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.reset_parameters()
 
@@ -78,7 +81,9 @@ class MoELayer(nn.Module):
         bal = dev = z = zero
         if cfg.balance_coef:
             if cfg.balance_seq_wise:
-                bal = balance.seq_balance_loss(probs_TE.view(B, -1, cfg.num_experts), r.experts_TK.view(B, -1, cfg.top_k))
+                bal = balance.seq_balance_loss(
+                    probs_TE.view(B, -1, cfg.num_experts), r.experts_TK.view(B, -1, cfg.top_k)
+                )
             else:
                 bal = balance.balance_loss(probs_TE, r.experts_TK)
         if cfg.device_balance_coef:

@@ -65,8 +65,9 @@ def check_state(name: str, state: Tensor | None, n: int, h: int, k: int, v: int,
         expect_shape(name, "initial_state", state, (n, h, k, v), "[N, H, K, V]")
 
 
-def packed(fn: Callable[..., tuple[Tensor, Tensor]], cu_seqlens: Tensor | None,
-           *time_tensors: Tensor | None) -> tuple[Tensor, Tensor]:
+def packed(
+    fn: Callable[..., tuple[Tensor, Tensor]], cu_seqlens: Tensor | None, *time_tensors: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Run `fn(*time_tensors) -> (o [B, T, ...], S)`; with `cu_seqlens` pad documents into a batch first.
 
     Zero padding at the end of each document is neutral (zero key/value, zero log decay), so the batched
@@ -78,10 +79,20 @@ def packed(fn: Callable[..., tuple[Tensor, Tensor]], cu_seqlens: Tensor | None,
     return varlen.unpad(o, cu_seqlens), s
 
 
-def run_gated(engine: Callable[..., tuple[Tensor, Tensor]], q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
-              scale: float | None, initial_state: Tensor | None, output_final_state: bool,
-              cu_seqlens: Tensor | None, state_v_first: bool = False, gv: Tensor | None = None,
-              **opts: Any) -> tuple[Tensor, Tensor | None]:
+def run_gated(
+    engine: Callable[..., tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    scale: float | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    state_v_first: bool = False,
+    gv: Tensor | None = None,
+    **opts: Any,
+) -> tuple[Tensor, Tensor | None]:
     """Call `engine` (`chunk_gated` or `recurrent_gated`) the way the public ops do: default scale K^-0.5,
     packed documents, optional `[V, K]` state layout; o in q's dtype, the state only when asked for."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -115,9 +126,17 @@ def chunker(T: int, C: int, dt: torch.dtype) -> tuple[int, Callable[[Tensor], Te
     return N, prep
 
 
-def chunk_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g: Tensor | None, scale: float,
-                initial_state: Tensor | None, chunk_size: int, bonus_HK: Tensor | None = None,
-                rwkv: bool = False) -> tuple[Tensor, Tensor]:
+def chunk_gated(
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    v_BTHV: Tensor,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    bonus_HK: Tensor | None = None,
+    rwkv: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Chunked form of the gated recurrence (module docstring). No loop over tokens; one over chunks.
 
     g: log decay, `[B, T, H]` (per head) or `[B, T, H, K]` (per key channel), or None (no decay).
@@ -165,9 +184,17 @@ def chunk_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, g: Tensor | None
     return o_BTHV, S
 
 
-def recurrent_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, gk: Tensor | None, scale: float,
-                    initial_state: Tensor | None, gv: Tensor | None = None, bonus_HK: Tensor | None = None,
-                    reverse: bool = False) -> tuple[Tensor, Tensor]:
+def recurrent_gated(
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    v_BTHV: Tensor,
+    gk: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    gv: Tensor | None = None,
+    bonus_HK: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Token loop of the gated recurrence (GLA form, or RWKV form when `bonus_HK` is given).
 
     gk: key-side log decay `[B, T, H]` or `[B, T, H, K]` (or None); gv: value-side log decay `[B, T, H, V]`.
@@ -182,7 +209,7 @@ def recurrent_gated(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, gk: Tensor |
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     u = None if bonus_HK is None else bonus_HK.to(dt)[None, :, :, None]
     outs = [None] * T
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    for t in range(T - 1, -1, -1) if reverse else range(T):
         kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
         if u is not None:
             outs[t] = (q[:, t, :, :, None] * (S + u * kv)).sum(-2)

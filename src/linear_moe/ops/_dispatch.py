@@ -70,9 +70,7 @@ def check_varlen(name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None) ->
     if cu_seqlens.is_cuda:  # reading values would sync the host on every layer; the model checks them once
         return
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[1]:
-        raise ValueError(
-            f"{name}: cu_seqlens must be 1-D offsets from 0 to T={x.shape[1]}, got {cu_seqlens.tolist()}"
-        )
+        raise ValueError(f"{name}: cu_seqlens must be 1-D offsets from 0 to T={x.shape[1]}, got {cu_seqlens.tolist()}")
 
 
 def like(ref: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -34,8 +34,6 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-
-
 def _decayed_products(x: Tensor, y: Tensor, rel: Tensor, scalar: bool) -> Tensor:
     """sum_k x_ik y_jk exp(rel_ijk) for every (i, j); rel `[..., C, C]` (scalar) or `[..., C, C, K]`."""
     if scalar:
@@ -43,9 +41,18 @@ def _decayed_products(x: Tensor, y: Tensor, rel: Tensor, scalar: bool) -> Tensor
     return torch.einsum("...ik,...jk,...ijk->...ij", x, y, rel.exp())
 
 
-def chunk_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b_BTHK: Tensor, g: Tensor | None,
-               scale: float, initial_state: Tensor | None, chunk_size: int,
-               a_pre_decay: bool = False) -> tuple[Tensor, Tensor]:
+def chunk_dplr(
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    v_BTHV: Tensor,
+    a_BTHK: Tensor,
+    b_BTHK: Tensor,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    a_pre_decay: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Chunked WY form of the DPLR recurrence (module docstring). No loop over tokens; one over chunks.
 
     g: log decay `[B, T, H]` (per head) or `[B, T, H, K]` (per key channel), or None (no decay).
@@ -103,9 +110,17 @@ def chunk_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b
     return o.movedim(1, 3).reshape(B, N * C, H, V)[:, :T], S
 
 
-def recurrent_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tensor, b_BTHK: Tensor,
-                   g: Tensor | None, scale: float, initial_state: Tensor | None,
-                   a_pre_decay: bool = False) -> tuple[Tensor, Tensor]:
+def recurrent_dplr(
+    q_BTHK: Tensor,
+    k_BTHK: Tensor,
+    v_BTHV: Tensor,
+    a_BTHK: Tensor,
+    b_BTHK: Tensor,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    a_pre_decay: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Token loop of the DPLR recurrence (module docstring); float32 state.
     Returns o `[B, T, H, V]` and S `[B, H, K, V]` in the accumulation dtype."""
     dt = cc.acc_dtype(q_BTHK, k_BTHK, v_BTHV, a_BTHK, b_BTHK, g, initial_state)
@@ -126,9 +141,21 @@ def recurrent_dplr(q_BTHK: Tensor, k_BTHK: Tensor, v_BTHV: Tensor, a_BTHK: Tenso
     return o, S
 
 
-def run_dplr(engine: Callable[..., tuple[Tensor, Tensor]], q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-             g: Tensor | None, scale: float, initial_state: Tensor | None, output_final_state: bool,
-             cu_seqlens: Tensor | None, state_v_first: bool = False, **opts) -> tuple[Tensor, Tensor | None]:
+def run_dplr(
+    engine: Callable[..., tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    state_v_first: bool = False,
+    **opts,
+) -> tuple[Tensor, Tensor | None]:
     """Call `engine` (`chunk_dplr` or `recurrent_dplr`) the way the public ops do: packed documents, optional
     `[V, K]` state layout; o in v's dtype, the state (accumulation dtype) only when asked for."""
     h0 = initial_state.transpose(-1, -2) if (state_v_first and initial_state is not None) else initial_state

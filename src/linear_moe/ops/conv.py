@@ -15,29 +15,45 @@ from linear_moe.ops import varlen
 from linear_moe.ops._dispatch import fla_module_fn, use_fla
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  activation: str | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [B, T, D], weight [D, W], bias [D] | None, activation None | 'silu' -> y [B, T, D] in x.dtype."""
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"causal_conv1d: expected x [B, T, D] and weight [D, W], got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"causal_conv1d: expected x [B, T, D] and weight [D, W], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     if use_fla(x):
         fn = fla_module_fn("causal_conv1d.ops", "causal_conv1d")
-        y, _ = fn(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation=activation,
-                  cu_seqlens=cu_seqlens)
+        y, _ = fn(
+            x,
+            weight.to(x.dtype),
+            None if bias is None else bias.to(x.dtype),
+            activation=activation,
+            cu_seqlens=cu_seqlens,
+        )
         return y
     if cu_seqlens is not None:
         return varlen.unpad(causal_conv1d(varlen.pad(x, cu_seqlens), weight, bias, activation), cu_seqlens)
     return conv1d_with_context(F.pad(x.transpose(1, 2), (weight.shape[1] - 1, 0)), weight, bias, activation)
 
 
-def conv1d_with_context(xs_BDT: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        activation: str | None) -> torch.Tensor:
+def conv1d_with_context(
+    xs_BDT: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
     """PyTorch path: xs [B, D, W-1+T] = W-1 context inputs (zeros, or a carried state) then the T inputs ->
     y [B, T, D] (weights cast to xs's dtype)."""
-    y_BDT = F.conv1d(xs_BDT, weight.unsqueeze(1).to(xs_BDT.dtype), None if bias is None else bias.to(xs_BDT.dtype),
-                     groups=xs_BDT.shape[1])
+    y_BDT = F.conv1d(
+        xs_BDT,
+        weight.unsqueeze(1).to(xs_BDT.dtype),
+        None if bias is None else bias.to(xs_BDT.dtype),
+        groups=xs_BDT.shape[1],
+    )
     y_BTD = y_BDT.transpose(1, 2)
     return F.silu(y_BTD) if activation == "silu" else y_BTD

@@ -35,9 +35,18 @@ def expand_gva(name: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     return q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
 
 
-def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor,
-           initial_state: Tensor | None, state_v_first: bool, cu_seqlens: Tensor | None,
-           gk: Tensor | None = None) -> None:
+def _check(
+    name: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    state_v_first: bool,
+    cu_seqlens: Tensor | None,
+    gk: Tensor | None = None,
+) -> None:
     n = cc.check_qkv(name, q, k, v, cu_seqlens, gk=gk)
     if g is not None:
         check_beta(name, q, g, "g")
@@ -73,92 +82,217 @@ def _gates(g: Tensor | None, beta: Tensor, kwargs: dict, gk: Tensor | None = Non
     return g, beta
 
 
-def chunk_gated_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-                                 scale: float | None = None, initial_state: Tensor | None = None,
-                                 output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
-                                 use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
-                                 state_v_first: bool = False, cu_seqlens: Tensor | None = None,
-                                 cu_seqlens_cpu: Tensor | None = None,
-                                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_gated_delta_rule_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked WY form. q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g, beta `[B, T, HV]` (HV = H, or a
     multiple for GVA), initial_state `[N, HV, K, V]` (`[N, HV, V, K]` with state_v_first)
     -> o `[B, T, HV, V]` (v's dtype), final state like initial_state (float32) or None."""
     cc.reject_head_first("chunk_gated_delta_rule", kwargs)
     q, k = expand_gva("chunk_gated_delta_rule", q, k, v)
     _check("chunk_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens)
-    g, beta = _gates(g, beta, dict(kwargs, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-                                   allow_neg_eigval=allow_neg_eigval))
+    g, beta = _gates(
+        g, beta, dict(kwargs, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
+    )
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     q, kb, a, b = delta_to_dplr(q, k, beta, use_qk_l2norm_in_kernel)
-    return _wy.run_dplr(_wy.chunk_dplr, q, kb, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens,
-                        state_v_first, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+    return _wy.run_dplr(
+        _wy.chunk_dplr,
+        q,
+        kb,
+        v,
+        a,
+        b,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        state_v_first,
+        chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE,
+    )
 
 
-def fused_recurrent_gated_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
-                                           gk: Tensor | None = None, gv: Tensor | None = None,
-                                           beta: Tensor | None = None, scale: float | None = None,
-                                           initial_state: Tensor | None = None, output_final_state: bool = False,
-                                           use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False,
-                                           A_log: Tensor | None = None, dt_bias: Tensor | None = None,
-                                           use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
-                                           state_v_first: bool = False, cu_seqlens: Tensor | None = None,
-                                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_gated_delta_rule_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path). g `[B, T, H]` and/or gk `[B, T, H, K]` (log decays, optional),
     beta `[B, T, H]` (default ones); shapes otherwise as `chunk_gated_delta_rule_torch`."""
     cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
     q, k = expand_gva("fused_recurrent_gated_delta_rule", q, k, v)
     beta = torch.ones_like(q[..., 0]) if beta is None else beta
     _check("fused_recurrent_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens, gk)
-    opts = dict(gv=gv, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
+    opts = dict(
+        gv=gv,
+        use_gate_in_kernel=use_gate_in_kernel,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
+    )
     g, beta = _gates(g, beta, opts, gk)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     q, kb, a, b = delta_to_dplr(q, k, beta, use_qk_l2norm_in_kernel)
-    return _wy.run_dplr(_wy.recurrent_dplr, q, kb, v, a, b, g, scale, initial_state, output_final_state,
-                        cu_seqlens, state_v_first)
+    return _wy.run_dplr(
+        _wy.recurrent_dplr, q, kb, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens, state_v_first
+    )
 
 
-def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
-                           initial_state: Tensor | None = None, output_final_state: bool = False,
-                           use_qk_l2norm_in_kernel: bool = False, use_beta_sigmoid_in_kernel: bool = False,
-                           allow_neg_eigval: bool = False, state_v_first: bool = False,
-                           cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
-                           **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_gated_delta_rule` on CUDA (bf16/fp16 inputs), else `chunk_gated_delta_rule_torch`."""
     cc.reject_head_first("chunk_gated_delta_rule", kwargs)
     if use_fla(q):
         _check_fla("chunk_gated_delta_rule", q, k, v, cu_seqlens)
         q, k, beta = like(v, q, k, beta)
         return fla_op("gated_delta_rule", "chunk_gated_delta_rule")(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-            allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu, **cc.fla_kwargs(kwargs))
-    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                        use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-                                        state_v_first, cu_seqlens, cu_seqlens_cpu, **kwargs)
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            allow_neg_eigval=allow_neg_eigval,
+            state_v_first=state_v_first,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+            **cc.fla_kwargs(kwargs),
+        )
+    return chunk_gated_delta_rule_torch(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        use_beta_sigmoid_in_kernel,
+        allow_neg_eigval,
+        state_v_first,
+        cu_seqlens,
+        cu_seqlens_cpu,
+        **kwargs,
+    )
 
 
-def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
-                                     gk: Tensor | None = None, gv: Tensor | None = None, beta: Tensor | None = None,
-                                     scale: float | None = None, initial_state: Tensor | None = None,
-                                     output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
-                                     use_gate_in_kernel: bool = False, A_log: Tensor | None = None,
-                                     dt_bias: Tensor | None = None, use_beta_sigmoid_in_kernel: bool = False,
-                                     allow_neg_eigval: bool = False, state_v_first: bool = False,
-                                     cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    beta: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_gated_delta_rule` on CUDA, else `fused_recurrent_gated_delta_rule_torch`."""
     cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
     if use_fla(q):
         _check_fla("fused_recurrent_gated_delta_rule", q, k, v, cu_seqlens)
         q, k, beta = like(v, q, k, beta)
         return fla_op("gated_delta_rule", "fused_recurrent_gated_delta_rule")(
-            q, k, v, g=g, gk=gk, gv=gv, beta=beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-            state_v_first=state_v_first, cu_seqlens=cu_seqlens, **cc.fla_kwargs(kwargs))
-    return fused_recurrent_gated_delta_rule_torch(q, k, v, g, gk, gv, beta, scale, initial_state,
-                                                  output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel,
-                                                  A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-                                                  state_v_first, cu_seqlens, **kwargs)
+            q,
+            k,
+            v,
+            g=g,
+            gk=gk,
+            gv=gv,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            use_gate_in_kernel=use_gate_in_kernel,
+            A_log=A_log,
+            dt_bias=dt_bias,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            allow_neg_eigval=allow_neg_eigval,
+            state_v_first=state_v_first,
+            cu_seqlens=cu_seqlens,
+            **cc.fla_kwargs(kwargs),
+        )
+    return fused_recurrent_gated_delta_rule_torch(
+        q,
+        k,
+        v,
+        g,
+        gk,
+        gv,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        use_gate_in_kernel,
+        A_log,
+        dt_bias,
+        use_beta_sigmoid_in_kernel,
+        allow_neg_eigval,
+        state_v_first,
+        cu_seqlens,
+        **kwargs,
+    )

@@ -31,31 +31,49 @@ def _check(name: str, x: Tensor, g: Tensor, initial_state: Tensor | None, cu_seq
 def _run(engine, x, g, initial_state, output_final_state, cu_seqlens, **opts):
     ones = x.new_ones(*x.shape, 1)
     h0 = None if initial_state is None else initial_state[..., None, None]
-    o, s = cc.packed(lambda x_, g_, one: engine(one, one, x_[..., None], g_, 1.0, h0, **opts), cu_seqlens,
-                     x, g, ones)
+    o, s = cc.packed(lambda x_, g_, one: engine(one, one, x_[..., None], g_, 1.0, h0, **opts), cu_seqlens, x, g, ones)
     return o[..., 0].to(x.dtype), (s[..., 0, 0] if output_final_state else None)
 
 
-def chunk_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
-                     cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_hgrn_torch(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. x, g `[B, T, D]`, initial_state `[N, D]` -> o `[B, T, D]`, final `[N, D]` or None."""
     cc.reject_head_first("chunk_hgrn", kwargs)
     _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
-    return _run(cc.chunk_gated, x, g, initial_state, output_final_state, cu_seqlens,
-                chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE)
+    return _run(
+        cc.chunk_gated,
+        x,
+        g,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE,
+    )
 
 
-def fused_recurrent_hgrn_torch(x: Tensor, g: Tensor, initial_state: Tensor | None = None,
-                               output_final_state: bool = False, cu_seqlens: Tensor | None = None,
-                               **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_hgrn_torch(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_hgrn_torch`."""
     cc.reject_head_first("fused_recurrent_hgrn", kwargs)
     _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
     return _run(cc.recurrent_gated, x, g, initial_state, output_final_state, cu_seqlens)
 
 
-def _fla_chunk_hgrn_is_exact(x: Tensor, g: Tensor, initial_state: Tensor | None, output_final_state: bool,
-                             cu_seqlens: Tensor | None) -> bool:
+def _fla_chunk_hgrn_is_exact(
+    x: Tensor, g: Tensor, initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None
+) -> bool:
     """fla's `chunk_hgrn` takes no cu_seqlens, and its backward drops the gradients of both states (no dh0,
     dht ignored): use it only when neither state needs a gradient."""
     if cu_seqlens is not None:
@@ -66,8 +84,14 @@ def _fla_chunk_hgrn_is_exact(x: Tensor, g: Tensor, initial_state: Tensor | None,
     return not state_grad and not (output_final_state and (x.requires_grad or g.requires_grad))
 
 
-def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
-               cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_hgrn(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_hgrn` on CUDA, else `chunk_hgrn_torch`. On CUDA, packed calls and calls that need a gradient
     through a state run fla's `fused_recurrent_hgrn` instead (see `_fla_chunk_hgrn_is_exact`).
     (`cu_seqlens` is our addition: fla's `chunk_hgrn` has none.)"""
@@ -80,8 +104,14 @@ def chunk_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output
     return chunk_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)
 
 
-def fused_recurrent_hgrn(x: Tensor, g: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False,
-                         cu_seqlens: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_hgrn(
+    x: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_hgrn` on CUDA, else `fused_recurrent_hgrn_torch`."""
     cc.reject_head_first("fused_recurrent_hgrn", kwargs)
     if use_fla(x):

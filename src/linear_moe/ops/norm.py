@@ -14,8 +14,9 @@ from linear_moe.ops._dispatch import fla_module_fn, use_fla
 ACTIVATIONS = ("swish", "sigmoid")
 
 
-def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
-                   activation: str = "swish") -> torch.Tensor:
+def rms_norm_gated(
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, activation: str = "swish"
+) -> torch.Tensor:
     """x, g [..., D], weight [D] or None -> rmsnorm(x) * weight * act(g) in x.dtype (act: swish or sigmoid)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"rms_norm_gated: activation must be one of {ACTIVATIONS}, got {activation!r}")

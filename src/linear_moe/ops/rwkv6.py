@@ -18,55 +18,133 @@ Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
 
 
-def _check(name: str, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, initial_state: Tensor | None,
-           cu_seqlens: Tensor | None) -> None:
+def _check(
+    name: str,
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+) -> None:
     n = cc.check_qkv(name, r, k, v, cu_seqlens, w=w)
     cc.expect_shape(name, "u", u, tuple(r.shape[2:]), "[H, K]")
     cc.check_state(name, initial_state, n, r.shape[2], r.shape[3], v.shape[3])
 
 
-def chunk_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
-                      initial_state: Tensor | None = None, output_final_state: bool = False,
-                      cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
-                      **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_rwkv6_torch(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. r, k, w `[B, T, H, K]`, v `[B, T, H, V]`, u `[H, K]`, initial_state `[N, H, K, V]`
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
     cc.reject_head_first("chunk_rwkv6", kwargs)
     _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-    return cc.run_gated(cc.chunk_gated, r, k, v, w, scale, initial_state, output_final_state, cu_seqlens,
-                        bonus_HK=u, chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE, rwkv=True)
+    return cc.run_gated(
+        cc.chunk_gated,
+        r,
+        k,
+        v,
+        w,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        bonus_HK=u,
+        chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE,
+        rwkv=True,
+    )
 
 
-def fused_recurrent_rwkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
-                                initial_state: Tensor | None = None, output_final_state: bool = False,
-                                reverse: bool = False, cu_seqlens: Tensor | None = None,
-                                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_rwkv6_torch(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_rwkv6_torch`."""
     cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
     _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-    return cc.run_gated(cc.recurrent_gated, r, k, v, w, scale, initial_state, output_final_state, cu_seqlens,
-                        bonus_HK=u, reverse=reverse)
+    return cc.run_gated(
+        cc.recurrent_gated,
+        r,
+        k,
+        v,
+        w,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        bonus_HK=u,
+        reverse=reverse,
+    )
 
 
-def chunk_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
-                initial_state: Tensor | None = None, output_final_state: bool = False,
-                cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
-                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def chunk_rwkv6(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_cpu: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `chunk_rwkv6` on CUDA, else `chunk_rwkv6_torch`."""
     cc.reject_head_first("chunk_rwkv6", kwargs)
     if use_fla(r):
         _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
         return fla_op("rwkv6", "chunk_rwkv6")(
-            r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **cc.fla_kwargs(kwargs))
-    return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu,
-                             **kwargs)
+            r,
+            k,
+            v,
+            w,
+            u,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+            **cc.fla_kwargs(kwargs),
+        )
+    return chunk_rwkv6_torch(
+        r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu, **kwargs
+    )
 
 
-def fused_recurrent_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: float | None = None,
-                          initial_state: Tensor | None = None, output_final_state: bool = False,
-                          reverse: bool = False, cu_seqlens: Tensor | None = None,
-                          **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def fused_recurrent_rwkv6(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop.
 
     On the H200 (fla 0.6.0, Triton 3.7.1) the backward of fla's fused recurrent kernel disagrees with the
@@ -76,13 +154,32 @@ def fused_recurrent_rwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     if use_fla(r):
         _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (r, k, v, w, u, initial_state))
+            t is not None and t.requires_grad for t in (r, k, v, w, u, initial_state)
+        )
         if needs_grad and not reverse:
             return fla_op("rwkv6", "chunk_rwkv6")(
-                r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens)
+                r,
+                k,
+                v,
+                w,
+                u,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens,
+            )
         return fla_op("rwkv6", "fused_recurrent_rwkv6")(
-            r, k, v, w, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            reverse=reverse, cu_seqlens=cu_seqlens)
-    return fused_recurrent_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, reverse,
-                                       cu_seqlens, **kwargs)
+            r,
+            k,
+            v,
+            w,
+            u,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            reverse=reverse,
+            cu_seqlens=cu_seqlens,
+        )
+    return fused_recurrent_rwkv6_torch(
+        r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, **kwargs
+    )

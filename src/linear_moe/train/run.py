@@ -122,8 +122,10 @@ def first_step_note(device_type: str, autotune: str) -> str | None:
     if device_type != "cuda":
         return None
     if autotune == "full":
-        return ("note: the first steps compile and autotune fla's Triton kernels (several minutes on a cold machine; "
-                "train.autotune=few bounds it)")
+        return (
+            "note: the first steps compile and autotune fla's Triton kernels (several minutes on a cold machine; "
+            "train.autotune=few bounds it)"
+        )
     return f"note: the first steps compile fla's Triton kernels (train.autotune={autotune})"
 
 
@@ -133,8 +135,15 @@ def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path:
     the same run_dir works again once it is fixed."""
     _check_run_dir(cfg, resume_from)
     config_yaml = run_config_yaml(cfg)
-    trainer = Trainer(cfg, build_model(cfg), ds, ds.val, config_yaml=config_yaml, flops_per_token=_flops(cfg),
-                      extra_files={TOKENIZER_FILE: tokenizer_path})
+    trainer = Trainer(
+        cfg,
+        build_model(cfg),
+        ds,
+        ds.val,
+        config_yaml=config_yaml,
+        flops_per_token=_flops(cfg),
+        extra_files={TOKENIZER_FILE: tokenizer_path},
+    )
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ckpt.CONFIG).write_text(config_yaml)

@@ -99,8 +99,9 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_step_options(model: nn.Module, activation_checkpointing: bool, checkpoint_experts: bool,
-                       compile: bool) -> None:
+def apply_step_options(
+    model: nn.Module, activation_checkpointing: bool, checkpoint_experts: bool, compile: bool
+) -> None:
     """The recomputation and compilation options of `train` (and `bench model`), in place: whole-block
     activation checkpointing, else checkpointing of the routed experts only (the block already covers them),
     then torch.compile of each block."""
