@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from linear_moe.ops import varlen
+from linear_moe.ops.checks import check_qkv, check_state, expect_shape  # noqa: F401 - used as cc.*
 
 Tensor = torch.Tensor
 
@@ -27,12 +28,6 @@ Tensor = torch.Tensor
 def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (the accumulation dtype)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def expect_shape(name: str, arg: str, t: Tensor | None, shape: tuple[int, ...], what: str) -> None:
-    """Raise a one-line ValueError unless `t` (when given) has exactly `shape`."""
-    if t is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: `{arg}` must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def reject_head_first(name: str, kwargs: dict) -> None:
@@ -44,25 +39,6 @@ def reject_head_first(name: str, kwargs: dict) -> None:
 def fla_kwargs(kwargs: dict) -> dict:
     """Extra keyword arguments to forward to an fla op that takes **kwargs (fla raises on any `head_first`)."""
     return {k: v for k, v in kwargs.items() if k != "head_first"}
-
-
-def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, **gates: Tensor | None) -> int:
-    """Validate `[B, T, H, D]` q/k/v (+ 4-D gates of q's shape) and packing; return N (batch or documents)."""
-    from linear_moe.ops._dispatch import check_layout, check_varlen
-
-    check_layout(name, q=q, k=k, v=v)
-    expect_shape(name, "k", k, tuple(q.shape), "q.shape [B, T, H, K]")
-    for arg, g in gates.items():
-        expect_shape(name, arg, g, tuple(q.shape), "q.shape [B, T, H, K]")
-    check_varlen(name, q, cu_seqlens)
-    return q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-
-
-def check_state(name: str, state: Tensor | None, n: int, h: int, k: int, v: int, v_first: bool = False) -> None:
-    if v_first:
-        expect_shape(name, "initial_state", state, (n, h, v, k), "[N, H, V, K]")
-    else:
-        expect_shape(name, "initial_state", state, (n, h, k, v), "[N, H, K, V]")
 
 
 def packed(

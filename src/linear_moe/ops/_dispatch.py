@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from linear_moe.ops.checks import check_layout, check_varlen  # noqa: F401 - re-exported until mixers import checks
+
 
 @functools.cache
 def fla_available() -> bool:
@@ -40,37 +42,6 @@ def fla_op(module: str, name: str) -> Callable[..., Any]:
 def fla_module_fn(module: str, name: str) -> Callable[..., Any]:
     """Return `fla.modules.<module>.<name>` (fused norms, convolutions; imported on first use)."""
     return getattr(importlib.import_module(f"fla.modules.{module}"), name)
-
-
-def check_layout(name: str, **tensors: torch.Tensor | None) -> None:
-    """Raise a clear error unless every given tensor is 4-D `[B, T, H, D]` with matching B, T, H."""
-    ref = None
-    for arg, t in tensors.items():
-        if t is None:
-            continue
-        if t.dim() != 4:
-            raise ValueError(f"{name}: `{arg}` must be [B, T, H, D] (4-D), got shape {tuple(t.shape)}")
-        if ref is None:
-            ref = (arg, t.shape[:3])
-        elif t.shape[:3] != ref[1]:
-            raise ValueError(
-                f"{name}: `{arg}` has [B, T, H] = {tuple(t.shape[:3])} but `{ref[0]}` has {tuple(ref[1])}; "
-                "all inputs use the [B, T, H, D] layout"
-            )
-
-
-def check_varlen(name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
-    """With `cu_seqlens` the batch must be 1 and the offsets must span the sequence."""
-    if cu_seqlens is None:
-        return
-    if x.shape[0] != 1:
-        raise ValueError(f"{name}: with cu_seqlens the batch size must be 1 (packed), got {x.shape[0]}")
-    if cu_seqlens.dim() != 1:
-        raise ValueError(f"{name}: cu_seqlens must be 1-D offsets, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.is_cuda:  # reading values would sync the host on every layer; the model checks them once
-        return
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[1]:
-        raise ValueError(f"{name}: cu_seqlens must be 1-D offsets from 0 to T={x.shape[1]}, got {cu_seqlens.tolist()}")
 
 
 def like(ref: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

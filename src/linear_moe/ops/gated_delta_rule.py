@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from linear_moe.ops import _chunk_common as cc
 from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import check_layout, check_varlen, fla_op, like, use_fla
+from linear_moe.ops._dispatch import fla_op, like, use_fla
+from linear_moe.ops.checks import check_layout, check_varlen
 from linear_moe.ops.delta_rule import check_beta, delta_to_dplr
 
 Tensor = torch.Tensor

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops._dispatch import check_varlen, fla_op, use_fla
+from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops.checks import check_varlen
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C] per channel
