@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_moe.mixers.common import ShortConvolution
+from linear_moe.layers.conv import ShortConvolution
 from linear_moe.ops.activations import swiglu
 from linear_moe.ops.conv import causal_conv1d
 from linear_moe.ops.norm import rms_norm_gated

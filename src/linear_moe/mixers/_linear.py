@@ -10,9 +10,10 @@ import math
 import torch
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
+from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import GatedRMSNorm, RMSNorm, ShortConvolution
 
 
 def head_dims(

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import ShortConvolution
 from linear_moe.ops._dispatch import check_varlen
 
 DECODE_MAX_LEN = 64  # inputs this short with a state use the token-loop (fused_recurrent) kernels

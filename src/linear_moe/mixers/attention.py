@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import RMSNorm
 from linear_moe.mixers.rotary import RotaryEmbedding
 from linear_moe.ops import varlen
 from linear_moe.ops._dispatch import check_varlen

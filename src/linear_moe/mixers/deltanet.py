@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
+from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import GatedRMSNorm, RMSNorm, ShortConvolution
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
+from linear_moe.layers.norm import GatedRMSNorm
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import GatedRMSNorm, ShortConvolution
 
 
 def layer_lower_bounds(logits_LD: torch.Tensor) -> torch.Tensor:

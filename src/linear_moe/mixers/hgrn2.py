@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
+from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import RMSNorm, ShortConvolution
 from linear_moe.mixers.hgrn import bounded_log_forget
 
 

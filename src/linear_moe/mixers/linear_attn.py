@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import MixerState
-from linear_moe.mixers.common import RMSNorm
 from linear_moe.mixers.feature_maps import build_feature_map
 
 OUTPUT_NORMS = ("rmsnorm", "identity")

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_moe.layers.conv import ShortConvolution
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.common import ShortConvolution
 
 
 class GroupedGatedRMSNorm(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.lora import LoRA
+from linear_moe.mixers.low_rank import LowRankProjection
 from linear_moe.mixers.token_shift import token_shift
 
 GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu, "gelu": F.gelu}
@@ -36,7 +36,7 @@ class DDLerpLinear(nn.Module):
         self.linear = (
             nn.Linear(input_dim, output_dim, bias=False)
             if low_rank_dim is None
-            else LoRA(input_dim, output_dim, low_rank_dim)
+            else LowRankProjection(input_dim, output_dim, low_rank_dim)
         )
 
     def forward(self, x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class RWKV6Attention(Mixer):
     @torch.no_grad()
     def _init_linears(self) -> None:
         # fla: dense projections xavier-uniform with gain 2^-2.5; LoRAs keep their own (zero / orthogonal) init.
-        loras = {id(m) for lora in self.modules() if isinstance(lora, LoRA) for m in lora.modules()}
+        loras = {id(m) for lora in self.modules() if isinstance(lora, LowRankProjection) for m in lora.modules()}
         for m in self.modules():
             if isinstance(m, nn.Linear) and id(m) not in loras:
                 nn.init.xavier_uniform_(m.weight, gain=2**-2.5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers.base import Mixer, MixerState
-from linear_moe.mixers.lora import LoRA
+from linear_moe.mixers.low_rank import LowRankProjection
 from linear_moe.mixers.token_shift import token_shift
 
 LOG_DECAY_MIN = -math.exp(-0.5)  # w_t = exp(-e^-0.5 sigmoid(.)) in (0.545, 1): log decay in (-0.6065, 0)
@@ -80,11 +80,15 @@ class RWKV7Attention(Mixer):
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-        self.w_lora = LoRA(hidden_size, self.key_dim, decay_low_rank_dim, activation="tanh")
-        self.a_lora = LoRA(hidden_size, self.key_dim, a_low_rank_dim, activation=None)
-        self.g_lora = LoRA(hidden_size, self.value_dim, gate_low_rank_dim, activation="sigmoid", bias=False)
+        self.w_lora = LowRankProjection(hidden_size, self.key_dim, decay_low_rank_dim, activation="tanh")
+        self.a_lora = LowRankProjection(hidden_size, self.key_dim, a_low_rank_dim, activation=None)
+        self.g_lora = LowRankProjection(
+            hidden_size, self.value_dim, gate_low_rank_dim, activation="sigmoid", bias=False
+        )
         self.v_lora = (
-            LoRA(hidden_size, self.value_dim, v_low_rank_dim or _lora_rank(1.7, hidden_size, factor), activation=None)
+            LowRankProjection(
+                hidden_size, self.value_dim, v_low_rank_dim or _lora_rank(1.7, hidden_size, factor), activation=None
+            )
             if value_residual and layer_idx > 0
             else None
         )

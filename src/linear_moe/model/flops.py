@@ -91,7 +91,7 @@ def _mixer_matmul_params(cfg: ModelConfig, i: int) -> int:
     """Weights a token is multiplied by in the mixer: nn.Linear projections and short-convolution kernels
     (a depthwise conv of width W costs D*W multiply-adds per token). Norm weights, biases, decay and gate
     vectors act elementwise and are not counted."""
-    from linear_moe.mixers.common import ShortConvolution
+    from linear_moe.layers.conv import ShortConvolution
 
     mods = _mixer(cfg, i).modules()
     return sum(m.weight.numel() for m in mods if isinstance(m, (torch.nn.Linear, ShortConvolution)))

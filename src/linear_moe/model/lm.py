@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers import MixerState, build_mixer
-from linear_moe.mixers.common import RMSNorm
 from linear_moe.mixers.hgrn import layer_lower_bounds
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.loss import causal_lm_loss

@@ -3,7 +3,7 @@
 `causal_conv1d(x [B, T, D], weight [D, W])` computes y[t] = act(sum_j weight[:, j] * x[t - W + 1 + j] + bias)
 with zeros before the start of each sequence (of each document with `cu_seqlens`). On CUDA with fla it runs
 fla's Triton kernel; elsewhere `F.conv1d` on padded documents. Carried convolution states (chunked prefill,
-decoding) are handled by `linear_moe.mixers.common.ShortConvolution`, which calls this for the stateless case.
+decoding) are handled by `linear_moe.layers.conv.ShortConvolution`, which calls this for the stateless case.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from torch import nn
 _ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, None: nn.Identity}
 
 
-class LoRA(nn.Module):
+class LowRankProjection(nn.Module):
     """x [..., input_dim] -> [..., output_dim] through rank `low_rank_dim` with an activation in between.
 
     Init as in RWKV: the down projection is zero, the up projection orthogonal with gain 0.1, so a fresh
-    LoRA outputs its bias (set it with `set_bias`).
+    projection outputs its bias (set it with `set_bias`).
     """
 
     def __init__(
@@ -25,7 +25,7 @@ class LoRA(nn.Module):
     ):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"LoRA: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(f"LowRankProjection: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
         self.lora = nn.Sequential(
             nn.Linear(input_dim, low_rank_dim, bias=False),
             _ACTIVATIONS[activation](),
