@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.layers.norm import RMSNorm
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers.base import Mixer, MixerContext, MixerState
 from linear_moe.mixers.rotary import RotaryEmbedding
 from linear_moe.ops import varlen
-from linear_moe.ops._dispatch import check_varlen
+from linear_moe.ops.checks import check_varlen
 
 
 class Attention(Mixer):
@@ -76,8 +76,10 @@ class Attention(Mixer):
         state: MixerState | None = None,
         cu_seqlens: torch.Tensor | None = None,
         use_cache: bool = False,
+        context: MixerContext | None = None,
     ) -> tuple[torch.Tensor, MixerState | None]:
-        self.check_input("Attention", x, self.hidden_size)
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"Attention: expected hidden states [B, T, {self.hidden_size}], got shape {tuple(x.shape)}")
         check_varlen("Attention", x, cu_seqlens)
         self._check_state(x, state, cu_seqlens)
         q_BTHD = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
