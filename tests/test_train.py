@@ -240,7 +240,7 @@ def test_expert_checkpointing_same_gradients_less_saved():
     import copy
 
     from linear_moe.model import LinearMoEForCausalLM, get_preset
-    from linear_moe.train.trainer import apply_expert_checkpointing
+    from linear_moe.parallel import apply_expert_checkpointing
 
     torch.manual_seed(0)
     cfg = get_preset("debug-qwen2-moe").replace(mixer="gla")

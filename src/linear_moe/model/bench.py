@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     model = LinearMoEForCausalLM(cfg).to(args.device)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
-    from linear_moe.train.trainer import apply_step_options
+    from linear_moe.parallel import apply_step_options
 
     apply_step_options(model, args.activation_checkpointing, args.checkpoint_experts, args.compile)
     print(

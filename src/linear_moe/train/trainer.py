@@ -6,14 +6,13 @@ Determinism: the model is initialised from `train.seed`, batches are a pure func
 (`data.seed`, micro-step) and everything else is restored from checkpoints, so the losses of a run
 depend only on its config, and a resumed run continues exactly (bitwise on CPU).
 
-Parallelism stays outside: `parallelize(model, device)` is the single place where FSDP2/TP/EP will
-be applied to the built model; it only moves the model to the device for now.
+Parallelism stays outside: `linear_moe.parallel.parallelize` applies the run's layout (and activation
+checkpointing and compilation) to the built model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ from typing import Any, Protocol
 import torch
 import yaml
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..ops.autotune import limit_autotune
+from ..parallel import ParallelConfig, moe_layers, parallelize
 from . import checkpoint as ckpt
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
@@ -64,59 +63,6 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
-    """Hook for FSDP2 / TP / EP wrapping of the built model (single device for now)."""
-    return model.to(device)
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the model (the unit of activation checkpointing and compilation)."""
-    for name in ("blocks", "layers"):
-        for module in (model, getattr(model, "model", None)):
-            blocks = getattr(module, name, None)
-            if isinstance(blocks, nn.ModuleList | nn.Sequential):
-                return list(blocks)
-    raise ValueError(f"{type(model).__name__} has no `blocks`/`layers` ModuleList to checkpoint or compile")
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward (non-reentrant); parameter names are unchanged."""
-    for block in transformer_blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def apply_expert_checkpointing(model: nn.Module) -> None:
-    """Recompute the routed experts of every MoE layer in backward (non-reentrant): only their [tokens * k, D]
-    input is kept, not the [tokens * k, 2F] gate|up output and the [tokens * k, F] SwiGLU output, for one more
-    expert forward per step. Parameter names are unchanged."""
-    for moe in moe_layers(model):
-        moe.experts.forward = functools.partial(checkpoint, moe.experts.forward, use_reentrant=False)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each block in place (parameter names are unchanged)."""
-    for block in transformer_blocks(model):
-        block.compile()
-
-
-def apply_step_options(
-    model: nn.Module, activation_checkpointing: bool, checkpoint_experts: bool, compile: bool
-) -> None:
-    """The recomputation and compilation options of `train` (and `bench model`), in place: whole-block
-    activation checkpointing, else checkpointing of the routed experts only (the block already covers them),
-    then torch.compile of each block."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    elif checkpoint_experts:
-        apply_expert_checkpointing(model)
-    if compile:
-        compile_blocks(model)
-
-
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.moe_layers()) if hasattr(model, "moe_layers") else []
-
-
 @dataclass
 class StepResult:
     loss: float  # LM loss (token-weighted over the micro-batches)
@@ -145,8 +91,15 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.tc.dtype, self.device)
         if self.tc.autotune != "full":  # before the first fla kernel call imports fla's kernel modules
             limit_autotune(self.tc.autotune)
-        self.model = parallelize(model, self.device)
-        apply_step_options(self.model, self.tc.activation_checkpointing, self.tc.checkpoint_experts, self.tc.compile)
+        self.model = parallelize(
+            model,
+            ParallelConfig(),
+            None,
+            device=self.device,
+            activation_checkpointing=self.tc.activation_checkpointing,
+            checkpoint_experts=self.tc.checkpoint_experts,
+            compile=self.tc.compile,
+        )
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
         self.data, self.val_data = data, val_data
         self.run_dir = Path(self.tc.run_dir)

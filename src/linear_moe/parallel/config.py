@@ -1,0 +1,99 @@
+"""`ParallelConfig`: how a run's processes split the work, and the one place its layout is checked.
+
+The dimensions multiply to the world size: `dp_replicate * dp_shard * cp * tp * pp == world_size` (`dp_shard=-1`
+takes the ranks left over). Expert parallelism borrows ranks instead of adding them: the experts of a layer are
+split over `ep` ranks taken from the `dp_shard * cp` ranks, which hold different tokens and so have tokens to
+exchange; the experts are sharded (FSDP) over the `dp_shard * cp / ep` ranks left, and replicated over
+`dp_replicate`. See docs/parallel.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from ..config import ConfigError
+
+PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "InterleavedZeroBubble", "ZBVZeroBubble"]
+DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")  # the dimensions whose product is the world size
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel` section of a run config (every dimension 1: one process, as without torchrun)."""
+
+    dp_replicate: int = 1  # data-parallel replicas (HSDP: parameters replicated across, sharded within)
+    dp_shard: int = -1  # data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2); -1 = rest
+    tp: int = 1  # tensor parallel: heads / FFN columns split over ranks (sequence-parallel norms)
+    ep: int = 1  # expert parallel: each MoE layer's experts split over ranks taken from dp_shard * cp
+    cp: int = 1  # context parallel: the sequence split over ranks (LASP-2 state exchange)
+    pp: int = 1  # pipeline stages (contiguous slices of layers)
+    pp_schedule: PPSchedule = "1F1B"  # torch.distributed.pipelining schedule
+    pp_microbatches: int = 0  # micro-batches per pipeline step (0 = one per stage)
+
+    def resolved(self, world_size: int) -> ParallelConfig:
+        """A copy with `dp_shard` filled in (`-1` -> the ranks left over); the product is checked by `check`."""
+        if self.dp_shard != -1:
+            return self
+        others = self.dp_replicate * self.cp * self.tp * self.pp
+        if others < 1 or world_size % others:
+            raise ConfigError(
+                f"parallel: dp_replicate*cp*tp*pp={others} does not divide the world size {world_size}; "
+                "change the dimensions or the number of processes"
+            )
+        return replace(self, dp_shard=world_size // others)
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(getattr(self, d) for d in DIMS)
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different rows of the batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def expert_shard(self) -> int:
+        """Ranks the experts are FSDP-sharded over (`dp_shard * cp / ep`)."""
+        return self.dp_shard * self.cp // self.ep
+
+    def describe(self) -> str:
+        """`dp_replicate=1 dp_shard=2 ep=2 (world 2)`: the dimensions above 1 (all when none is)."""
+        dims = [d for d in (*DIMS, "ep") if getattr(self, d) != 1] or ["dp_shard"]
+        return " ".join(f"{d}={getattr(self, d)}" for d in dims) + f" (world {self.world_size})"
+
+
+def check_layout(cfg: ParallelConfig, world_size: int, model: Any, seq_len: int) -> ParallelConfig:
+    """The resolved `cfg` for `world_size` processes, a `ModelConfig` and the sequence length, or a one-line
+    ConfigError naming the dimension that does not fit."""
+    for name in (*DIMS, "ep", "pp_microbatches"):
+        value = getattr(cfg, name)
+        if value < (0 if name == "pp_microbatches" else 1) and not (name == "dp_shard" and value == -1):
+            raise ConfigError(f"parallel.{name} must be at least 1 (dp_shard: or -1 for the rest), got {value}")
+    cfg = cfg.resolved(world_size)
+    if cfg.world_size != world_size:
+        product = "*".join(str(getattr(cfg, d)) for d in DIMS)
+        raise ConfigError(
+            f"parallel: dp_replicate*dp_shard*cp*tp*pp = {product} = {cfg.world_size} but {world_size} processes "
+            "run; make the product equal the number of processes (dp_shard=-1 takes the rest)"
+        )
+    if (cfg.dp_shard * cfg.cp) % cfg.ep:
+        raise ConfigError(
+            f"parallel.ep={cfg.ep} must divide dp_shard*cp={cfg.dp_shard * cfg.cp} (expert parallelism borrows "
+            "data-parallel ranks)"
+        )
+    kv_heads = getattr(model, "num_kv_heads", None) or model.num_heads
+    for what, count in (("model.num_heads", model.num_heads), ("model.num_kv_heads", kv_heads)):
+        if count % cfg.tp:
+            raise ConfigError(f"parallel.tp={cfg.tp} must divide {what}={count}")
+    moe = getattr(model, "moe", None)
+    if cfg.ep > 1 and moe is None:
+        raise ConfigError(f"parallel.ep={cfg.ep} needs an MoE model (model.moe is null); use parallel.ep=1")
+    if moe is not None and moe.num_experts % cfg.ep:
+        raise ConfigError(f"parallel.ep={cfg.ep} must divide model.moe.num_experts={moe.num_experts}")
+    if model.num_layers % cfg.pp:
+        raise ConfigError(f"parallel.pp={cfg.pp} must divide model.num_layers={model.num_layers}")
+    if seq_len % cfg.cp:
+        raise ConfigError(f"parallel.cp={cfg.cp} must divide data.seq_len={seq_len}")
+    return cfg

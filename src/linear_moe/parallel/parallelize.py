@@ -1,0 +1,56 @@
+"""`parallelize`: apply a run's layout to a built model from outside its layers, in torchtitan's order:
+tensor parallel -> expert parallel -> context parallel -> activation checkpointing / compile -> FSDP2.
+
+Every rank builds the whole model from the same seed, so sharding starts from the single-process initialisation
+and a run's parameters do not depend on its layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .compile import apply_step_options
+from .config import ParallelConfig
+from .mesh import ParallelMesh
+
+
+def parallelize(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    mesh: ParallelMesh | None,
+    *,
+    device: torch.device,
+    activation_checkpointing: bool = False,
+    checkpoint_experts: bool = False,
+    compile: bool = False,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """`model` on `device`, split by the resolved `cfg` over `mesh` (None: one process, no process group).
+
+    `param_dtype` is FSDP2's compute dtype for parameters (bf16 on GPU; None keeps float32, e.g. on CPU).
+    """
+    model = model.to(device)
+    if mesh is not None and cfg.tp > 1:
+        from .tp import apply_tp
+
+        apply_tp(model, mesh)
+    if mesh is not None and cfg.ep > 1:
+        from .ep import apply_ep
+
+        apply_ep(model, mesh)
+    if mesh is not None:
+        from .ep import apply_global_stats
+
+        apply_global_stats(model, mesh)
+    if mesh is not None and cfg.cp > 1:
+        from .cp import apply_cp
+
+        apply_cp(model, mesh)
+    apply_step_options(model, activation_checkpointing, checkpoint_experts, compile)
+    if mesh is not None:
+        from .fsdp import apply_fsdp
+
+        expert_mesh = mesh.experts["dp_replicate", "efsdp"] if cfg.ep > 1 else None
+        apply_fsdp(model, mesh.fsdp["dp_replicate", "dp_shard_cp"], expert_mesh, param_dtype)
+    return model
