@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -149,3 +150,131 @@ def test_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="expected a mapping for Run"):
         from_dict(Run, [1, 2])
     assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------- the run config
+
+
+def test_moe_family_override_applies_the_preset_like_yaml(tmp_path):
+    from linear_moe.moe import MoEConfig
+    from linear_moe.train.config import load_run_config
+
+    (tmp_path / "v2.yaml").write_text("model:\n  moe:\n    family: deepseek_v2\n    num_experts: 8\n    top_k: 2\n")
+    from_yaml = load_run_config(tmp_path / "v2.yaml")
+    from_cli = load_run_config(None, ["model.moe.family=deepseek_v2", "model.moe.num_experts=8", "model.moe.top_k=2"])
+    expected = MoEConfig.preset("deepseek_v2", num_experts=8, top_k=2)
+    assert from_cli.model.moe == from_yaml.model.moe == expected
+    assert expected.group_score == "max" and expected.n_group == 8 and expected.routed_scaling_factor == 16.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.num_layers=6", "model.layer_pattern=LLN"],
+        ["model.layer_pattern=LLN", "model.num_layers=6"],
+        ["model.moe.num_experts=1", "model.moe.top_k=1"],
+        ["model.moe.top_k=1", "model.moe.num_experts=1"],
+    ],
+)
+def test_overrides_are_merged_before_validation(overrides):
+    from linear_moe.train.config import load_run_config
+
+    cfg = load_run_config(None, overrides)
+    for item in overrides:
+        key, value = item.split("=")
+        section, *rest = key.split(".")[1:]
+        got = getattr(cfg.model.moe, rest[0]) if section == "moe" else getattr(cfg.model, section)
+        assert str(got) == value
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.save_every=-1", "train.save_every must be >= 0, got -1"),
+        ("train.eval_every=-5", "train.eval_every must be >= 0, got -5"),
+        ("train.keep_last=-1", "train.keep_last must be >= 0, got -1"),
+        ("train.eval_batches=-1", "train.eval_batches must be >= 0, got -1"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0, got -1.0"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+        ("train.sample_tokens=-3", "train.sample_tokens must be >= 0, got -3"),
+        ("train.sample_temperature=-1", "train.sample_temperature must be >= 0, got -1.0"),
+        ("train.sample_top_k=-2", "train.sample_top_k must be >= 0, got -2"),
+        ("train.betas=[0.9, 1.5]", "train.betas must be in [0, 1), got [0.9, 1.5]"),
+        ("train.betas=[-0.1, 0.9]", "train.betas must be in [0, 1), got [-0.1, 0.9]"),
+        ("train.warmup=-1", "train.warmup must be >= 0, got -1"),
+        ("data.seed=-1", "data.seed must be >= 0, got -1"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("train.schedule=linear", "config key 'train.schedule' must be one of cosine, wsd; got 'linear'"),
+        ("train.device=tpu", "config key 'train.device' must be one of auto, cpu, cuda; got 'tpu'"),
+        ("train.dtype=fp16", "config key 'train.dtype' must be one of auto, bf16, fp32; got 'fp16'"),
+        ("train.autotune=fast", "config key 'train.autotune' must be one of full, few, one; got 'fast'"),
+    ],
+)
+def test_run_config_rejects_bad_values(override, message):
+    from linear_moe.train.config import load_run_config
+
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_warmup_longer_than_the_run_is_noted():
+    from linear_moe.train.config import config_notes, load_run_config
+
+    assert config_notes(load_run_config(None, ["train.steps=100"])) == []
+    (note,) = config_notes(load_run_config(None, ["train.steps=10", "train.warmup=20"]))
+    assert "train.warmup=20 is longer than the run (train.steps=10)" in note
+
+
+def test_choice_fields_are_literals_matching_their_users():
+    import typing
+
+    from linear_moe.ops.autotune import MODES
+    from linear_moe.train.config import TrainConfig
+    from linear_moe.train.schedule import SCHEDULES
+
+    hints = typing.get_type_hints(TrainConfig)
+    assert typing.get_args(hints["schedule"]) == SCHEDULES
+    assert typing.get_args(hints["autotune"]) == MODES
+    assert typing.get_args(hints["device"]) == ("auto", "cpu", "cuda")
+    assert typing.get_args(hints["dtype"]) == ("auto", "bf16", "fp32")
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    from linear_moe.train.config import load_run_config
+
+    (tmp_path / "bad.yaml").write_text("train:\n  steps: 3\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML in .*bad.yaml, line [0-9]+") as e:
+        load_run_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_input_paths_resolve_next_to_the_config_file(tmp_path, monkeypatch):
+    from linear_moe.train.config import load_run_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "chat.jsonl").write_text("{}\n")
+    (tmp_path / "cfg" / "run.yaml").write_text(
+        "finetune:\n  data: chat.jsonl\ndata:\n  inputs: [chat.jsonl, builtin:python-docs]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config("cfg/run.yaml")
+    assert Path(cfg.finetune.data) == Path("cfg/chat.jsonl")
+    assert [Path(p) for p in cfg.data.inputs[:1]] == [Path("cfg/chat.jsonl")] and cfg.data.inputs[
+        1
+    ] == "builtin:python-docs"
+    assert load_run_config("cfg/run.yaml", ["finetune.data=other.jsonl"]).finetune.data == "other.jsonl"
+
+
+def test_show_config_lists_every_key_and_its_default():
+    import yaml
+
+    from linear_moe.config import to_dict
+    from linear_moe.train.config import load_run_config, show_config
+
+    cfg = load_run_config(None, ["train.steps=7", "model.hidden_size=64"])
+    text = show_config(cfg)
+    assert yaml.safe_load(text) == {**to_dict(cfg), "model": {"preset": None, **to_dict(cfg.model)}}
+    lines = text.splitlines()
+    assert "  steps: 7  # default: 1200" in lines and "  hidden_size: 64  # default: 128" in lines
+    assert "  lr: 0.003" in lines  # unchanged values carry no comment

@@ -17,6 +17,8 @@ from .train.logging import note
 
 EXIT_USAGE = 2
 ARGS_HELP = "[CONFIG.yaml] [section.key=value ...], e.g. train.steps=100 model.preset=debug-mixtral"
+FINETUNE_ARGS_HELP = "[CONFIG.yaml] [section.key=value ...], e.g. train.steps=100 finetune.data=chat.jsonl"
+SHOW_CONFIG_HELP = "print the merged config (every key, its value and default) and exit without training"
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -53,10 +55,17 @@ def prepare(
     return meta
 
 
-def train(config: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+def train(config: str | None = None, overrides: list[str] = (), show_config: bool = False) -> dict[str, Any] | None:
     """Pretrain a model. CONFIG is a YAML run config (default: the built-in small hybrid Gated-DeltaNet /
     attention MoE on builtin:python-docs); `section.key=value` arguments override it, e.g.
-    `train.steps=100 model.preset=debug-mixtral`. Continue a run with `train.resume=auto`."""
+    `train.steps=100 model.preset=debug-mixtral`. Continue a run with `train.resume=auto`.
+    `linear-moe train --show-config [CONFIG] [key=value ...]` lists every config key with its value and default."""
+    if show_config:
+        from .train.config import load_run_config
+        from .train.config import show_config as render
+
+        print(render(load_run_config(config, list(overrides))), end="")
+        return None
     from .train.run import run_training
 
     return run_training(config, list(overrides))
@@ -147,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=_summary(train), description=_doc(train), formatter_class=fmt)
     p.add_argument("args", nargs="*", metavar="ARGS", help=ARGS_HELP)
-    p.set_defaults(run=lambda a: train(*_split_config(a.args)))
+    p.add_argument("--show-config", action="store_true", help=SHOW_CONFIG_HELP)
+    p.set_defaults(run=lambda a: train(*_split_config(a.args), show_config=a.show_config))
 
     p = sub.add_parser("finetune", help=_summary(finetune), description=_doc(finetune), formatter_class=fmt)
-    p.add_argument("args", nargs="*", metavar="ARGS", help=ARGS_HELP)
+    p.add_argument("args", nargs="*", metavar="ARGS", help=FINETUNE_ARGS_HELP)
     p.add_argument(
         "--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT_DIR", help="checkpoint to start from"
     )

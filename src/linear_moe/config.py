@@ -12,6 +12,7 @@ Unknown keys and type mismatches raise :class:`ConfigError` (a ValueError) with 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import operator
@@ -24,7 +25,17 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "to_dict", "from_dict", "load_yaml", "save_yaml", "apply_overrides", "to_yaml"]
+__all__ = [
+    "ConfigError",
+    "to_dict",
+    "from_dict",
+    "load_yaml",
+    "read_yaml",
+    "save_yaml",
+    "apply_overrides",
+    "merge_overrides",
+    "to_yaml",
+]
 
 
 class ConfigError(ValueError):
@@ -189,16 +200,25 @@ def save_yaml(obj: Any, path: str | Path) -> None:
     path.write_text(to_yaml(obj))
 
 
-def load_yaml(path: str | Path, cls: type[T]) -> T:
-    """Read YAML ``path`` into dataclass ``cls`` (an empty file gives the defaults)."""
+def read_yaml(path: str | Path) -> Any:
+    """Parse YAML file `path`; a missing file or a syntax error is a one-line ConfigError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
-    return from_dict(cls, d or {})
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"invalid YAML in {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def load_yaml(path: str | Path, cls: type[T]) -> T:
+    """Read YAML ``path`` into dataclass ``cls`` (an empty file gives the defaults)."""
+    return from_dict(cls, read_yaml(path) or {})
 
 
 def _parse_scalar(text: str) -> Any:
@@ -233,18 +253,45 @@ def _set_path(obj: Any, parts: list[str], value: Any, done: list[str]) -> Any:
     return dataclasses.replace(obj, **{head: _set_path(child, parts[1:], value, done + [head])})
 
 
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); one-line ConfigError for a malformed override."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=200)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    return key.split("."), _parse_scalar(text)
+
+
 def apply_overrides(obj: T, overrides: list[str]) -> T:
     """Apply ``key.sub=value`` overrides to dataclass ``obj``; returns a new object (``obj`` is not changed).
 
     Values are YAML scalars (``200``, ``3e-4``, ``true``, ``null``, ``[1, 2]``, ``{top_k: 2}``) converted to the
     field's declared type. A nested field that is null must be set to a mapping before its keys can be set.
+    Each override builds (and validates) a new object; `merge_overrides` merges them all into a dict first.
     """
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=200)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"override {item!r} has an empty key part")
-        obj = _set_path(obj, key.split("."), _parse_scalar(text), [])
+        parts, value = _parse_override(item)
+        obj = _set_path(obj, parts, value, [])
     return obj
+
+
+def merge_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the nested mapping ``d`` with every ``key.sub=value`` override set, exactly as if the key were
+    written in the YAML file (a null or missing section becomes a mapping). Nothing is validated here: build the
+    dataclass from the result once (`from_dict`), so overrides never depend on their order."""
+    out = copy.deepcopy(d)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                key = ".".join(parts[: i + 1])
+                raise ConfigError(f"cannot set '{'.'.join(parts)}': '{key}' is not a nested config")
+            if child is None:
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return out
