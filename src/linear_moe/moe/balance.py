@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from linear_moe.moe.dispatch import expert_counts
 
 
-def expert_fraction(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """f [E]: fraction of the T*k routing slots that chose each expert (sums to 1)."""
+def expert_fraction(experts_TK: torch.Tensor, num_experts: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """f [E]: fraction of the T*k routing slots that chose each expert (sums to 1). With `group`, the slots of
+    every rank of the process group count (the fraction a single process holding all their tokens sees)."""
     counts_E = expert_counts(experts_TK, num_experts)
-    return counts_E.float() / max(experts_TK.numel(), 1)
+    if group is None:
+        return counts_E.float() / max(experts_TK.numel(), 1)
+    counts_E1 = torch.cat([counts_E, counts_E.new_full((1,), experts_TK.numel())])
+    dist.all_reduce(counts_E1, group=group)
+    return counts_E1[:-1].float() / counts_E1[-1].clamp_min(1).float()
 
 
 def balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -21,11 +27,15 @@ def balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def balance_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def balance_loss(
+    probs_TE: torch.Tensor, experts_TK: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """E * sum_i f_i * P_i (Switch arXiv:2101.03961; = DeepSeek-V2's L_ExpBal / alpha1, arXiv:2405.04434):
-    f_i fraction of routing slots to expert i, P_i mean probability of expert i. 1 when perfectly uniform."""
+    f_i fraction of routing slots to expert i, P_i mean probability of expert i. 1 when perfectly uniform.
+    With `group`, f counts every rank's slots; P stays this rank's, so the mean of the ranks' losses is the loss
+    of all their tokens together."""
     E = probs_TE.shape[-1]
-    return E * (expert_fraction(experts_TK, E) * probs_TE.mean(0)).sum()
+    return E * (expert_fraction(experts_TK, E, group) * probs_TE.mean(0)).sum()
 
 
 def seq_balance_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
@@ -33,11 +43,14 @@ def seq_balance_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torc
     return torch.stack([balance_loss(p, e) for p, e in zip(probs_BTE, experts_BTK, strict=True)]).mean()
 
 
-def device_balance_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor, num_devices: int) -> torch.Tensor:
+def device_balance_loss(
+    probs_TE: torch.Tensor, experts_TK: torch.Tensor, num_devices: int, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """DeepSeek-V2 device-level balance loss / alpha2 (arXiv:2405.04434 eq. 14-16): experts split contiguously
-    into `num_devices` groups; sum_d mean_{i in d}(E * f_i) * sum_{i in d} P_i. 1 when uniform."""
+    into `num_devices` groups; sum_d mean_{i in d}(E * f_i) * sum_{i in d} P_i. 1 when uniform. `group`: as in
+    `balance_loss`."""
     E = probs_TE.shape[-1]
-    f_DG = (E * expert_fraction(experts_TK, E)).view(num_devices, -1)
+    f_DG = (E * expert_fraction(experts_TK, E, group)).view(num_devices, -1)
     p_DG = probs_TE.mean(0).view(num_devices, -1)
     return (f_DG.mean(-1) * p_DG.sum(-1)).sum()
 

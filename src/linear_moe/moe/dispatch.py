@@ -1,11 +1,18 @@
-"""Local token dispatch: sort (token, expert) assignments by expert, optional capacity dropping, combine back."""
+"""Token dispatch: sort (token, expert) assignments by expert, optional capacity dropping, combine back.
+
+`MoELayer` reaches this through a `TokenDispatcher` object: `LocalDispatcher` (every expert on this rank) here,
+`AllToAllDispatcher` (experts split over expert-parallel ranks) in `moe/all_to_all.py`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+
+from linear_moe.moe.router import Routing
 
 
 @dataclass
@@ -17,6 +24,11 @@ class Dispatch:
     # [T * top_k] position in dispatch order of each flat assignment: the inverse permutation of slot_N when
     # nothing is dropped (then returning rows to their (token, slot) places is a gather), None when some are
     inverse_Tk: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Scalar int64: assignments kept by the capacity limit (all T * k when dropless)."""
+        return self.counts_E.sum()
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -124,3 +136,37 @@ def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.
     T, k = weights_TK.shape
     y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
     return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
+
+
+def permute_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """x[order_N] for a permutation `order_N` whose inverse is `inverse_N`; its backward is the gather by the
+    inverse (no accumulating scatter). `_ToSlots` with nothing dropped is exactly this gather pair."""
+    return _ToSlots.apply(x_ND, inverse_N, order_N, x_ND.shape[0])
+
+
+class TokenDispatcher(Protocol):
+    """How `MoELayer` brings token rows to its experts and back.
+
+    `dispatch(x [T, D], routing) -> (rows [M, D], counts [E_local], ctx)`: the rows the local experts compute,
+    grouped by local expert (`counts` rows each). `combine(y [M, D], ctx, weights [T, K]) -> [T, D]`: the expert
+    outputs back at their tokens, weighted by the router and summed over the k slots. `ctx.kept` counts this
+    rank's assignments that survived the capacity limit.
+    """
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y_MD: torch.Tensor, ctx: Any, weights_TK: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every expert lives on this rank: the rows are this rank's assignments sorted by expert (`dispatch`)."""
+
+    def __init__(self, num_experts: int, capacity_factor: float | None = None, drop_policy: str = "weight"):
+        self.num_experts, self.capacity_factor, self.drop_policy = num_experts, capacity_factor, drop_policy
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, Dispatch]:
+        d = dispatch(routing.experts_TK, routing.weights_TK, self.num_experts, self.capacity_factor, self.drop_policy)
+        return gather_rows(x_TD, d), d.counts_E, d
+
+    def combine(self, y_ND: torch.Tensor, ctx: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
+        return combine(y_ND, ctx, weights_TK)

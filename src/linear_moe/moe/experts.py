@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from linear_moe.layers.mlp import SwiGLU
 from linear_moe.ops.activations import swiglu
@@ -59,8 +60,14 @@ def _padded_bmm(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor)
     return torch.bmm(buf_ECK, w_EKM)[group_N, rank_N]
 
 
+def local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a weight split over expert-parallel ranks (a DTensor), else the weight itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as grouped GEMMs: w13 [E, D, 2F] (gate | up fused), w2 [E, F, D]."""
+    """E SwiGLU experts as grouped GEMMs: w13 [E, D, 2F] (gate | up fused), w2 [E, F, D]. Under expert
+    parallelism both are DTensors split on dim 0 and the forward runs this rank's E/ep experts."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, backend: str = "auto"):
         super().__init__()
@@ -75,6 +82,6 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x_ND.device.type):
             dtype = torch.get_autocast_dtype(x_ND.device.type)
         x_ND = x_ND.to(dtype)
-        h_N2F = grouped_matmul(x_ND, self.w13.to(dtype), counts_E, self.backend)
+        h_N2F = grouped_matmul(x_ND, local(self.w13).to(dtype), counts_E, self.backend)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return grouped_matmul(swiglu(gate_NF, up_NF), self.w2.to(dtype), counts_E, self.backend)
+        return grouped_matmul(swiglu(gate_NF, up_NF), local(self.w2).to(dtype), counts_E, self.backend)

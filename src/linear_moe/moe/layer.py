@@ -9,7 +9,7 @@ from torch import nn
 
 from linear_moe.moe import balance
 from linear_moe.moe.config import MoEConfig
-from linear_moe.moe.dispatch import combine, dispatch, expert_counts, gather_rows
+from linear_moe.moe.dispatch import LocalDispatcher, TokenDispatcher, expert_counts
 from linear_moe.moe.experts import GroupedExperts, SwiGLU
 from linear_moe.moe.router import Router, Routing
 
@@ -29,6 +29,10 @@ class MoELayer(nn.Module):
 
     Buffers: `expert_bias [E]` (float32, persistent): aux-loss-free selection bias (DeepSeek-V3 arXiv:2412.19437);
     the trainer calls `update_bias(aux.load)` after each optimizer step (no-op when `bias_update_rate == 0`).
+
+    Scale-out swaps two attributes (see `linear_moe.parallel`): `dispatcher`, the `TokenDispatcher` that brings
+    rows to the experts (`LocalDispatcher`; `AllToAllDispatcher` when the experts are split over ranks), and
+    `stats_group`, the process group over which the balance losses count expert assignments (None: this rank).
     """
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, backend: str = "auto"):
@@ -43,6 +47,8 @@ class MoELayer(nn.Module):
             else None
         )
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        self.stats_group: torch.distributed.ProcessGroup | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -62,17 +68,16 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """x [B, T, D] -> (y [B, T, D], `MoEAux`). Every token is routed independently (dropless default)."""
         B, T, D = x_BTD.shape
-        cfg = self.cfg
         x_ND = x_BTD.reshape(-1, D)
         r = self.router(x_ND, self.expert_bias)
-        d = dispatch(r.experts_TK, r.weights_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-        y_ND = combine(self.experts(gather_rows(x_ND, d), d.counts_E), d, r.weights_TK)
+        rows_MD, counts_E, ctx = self.dispatcher.dispatch(x_ND, r)
+        y_ND = self.dispatcher.combine(self.experts(rows_MD, counts_E), ctx, r.weights_TK)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_expert_gate is not None:
                 shared_ND = shared_ND * torch.sigmoid(self.shared_expert_gate(x_ND))
             y_ND = y_ND + shared_ND
-        return y_ND.view(B, T, D), self._aux(r, B, d.counts_E.sum())
+        return y_ND.view(B, T, D), self._aux(r, B, ctx.kept)
 
     def _aux(self, r: Routing, B: int, kept: torch.Tensor) -> MoEAux:
         cfg = self.cfg
@@ -85,9 +90,9 @@ class MoELayer(nn.Module):
                     probs_TE.view(B, -1, cfg.num_experts), r.experts_TK.view(B, -1, cfg.top_k)
                 )
             else:
-                bal = balance.balance_loss(probs_TE, r.experts_TK)
+                bal = balance.balance_loss(probs_TE, r.experts_TK, self.stats_group)
         if cfg.device_balance_coef:
-            dev = balance.device_balance_loss(probs_TE, r.experts_TK, cfg.num_devices)
+            dev = balance.device_balance_loss(probs_TE, r.experts_TK, cfg.num_devices, self.stats_group)
         if cfg.z_loss_coef:
             z = balance.z_loss(r.logits_TE)
         loss = cfg.balance_coef * bal + cfg.device_balance_coef * dev + cfg.z_loss_coef * z
