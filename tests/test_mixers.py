@@ -6,14 +6,13 @@ written here. (Recurrent mixers' own hand checks: tests/test_mixers_recurrent.py
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_moe.mixers import MIXERS, build_mixer
+from linear_moe.mixers import MIXERS, MixerContext, build_mixer
 from linear_moe.mixers.feature_maps import FEATURE_MAPS, TaylorFeatureMap, build_feature_map
 
 D, H = 32, 2
@@ -130,11 +129,9 @@ def test_step_by_step_decoding_equals_full_forward(name, opts):
 def test_backward_gives_finite_gradients_to_every_parameter(name, opts):
     m = build(name, **opts).train()
     x = torch.randn(2, 21, D, dtype=torch.float64, requires_grad=True)
-    kwargs = {}
-    if "shared" in inspect.signature(m.forward).parameters:  # cross-layer inputs come from a layer-0 twin
-        kwargs["shared"] = {}
-        build(name, layer_idx=0, **opts)(x, shared=kwargs["shared"])
-    y, _ = m(x, **kwargs)
+    context = MixerContext()  # cross-layer inputs (RWKV-7's v_first) come from a layer-0 twin
+    build(name, layer_idx=0, **opts)(x, context=context)
+    y, _ = m(x, context=context)
     (y * torch.randn_like(y)).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for pname, p in m.named_parameters():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.mixers import build_mixer
-from linear_moe.mixers.hgrn import layer_lower_bounds
+from linear_moe.mixers.hgrn import bounded_log_forget
 from linear_moe.mixers.token_shift import token_shift
 
 D, H, T = 16, 2, 70  # T > 64: the chunked ops cross chunk boundaries
@@ -193,34 +193,49 @@ def hgrn_loop(i, lam):
     return torch.stack(out, 1)
 
 
+def set_lower_bound(m, gamma):
+    """Set the layer's own forget-gate floor to gamma (it stores sigmoid^-1 of it)."""
+    with torch.no_grad():
+        m.lower_bound_logit.copy_(torch.logit(gamma.double()).to(m.lower_bound_logit.dtype))
+
+
 def test_hgrn_recurrence_and_lower_bound():
     m = build("hgrn", layer_idx=2, use_short_conv=True)
     x = torch.randn(2, T, D)
-    gamma = torch.rand(D) * 0.9
+    gamma = torch.rand(D) * 0.9 + 1e-3
+    set_lower_bound(m, gamma)
     lam = gamma + (1 - gamma) * torch.sigmoid(m.f_conv1d(m.f_proj(x))[0])
     assert (lam >= gamma).all()
     h = hgrn_loop(F.silu(m.i_conv1d(m.i_proj(x))[0]), lam)
     ref = m.o_proj(rms(h, m.g_norm.weight, 1e-5) * F.silu(m.g_proj(x)))
-    torch.testing.assert_close(m(x, lower_bound=gamma)[0], ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(m(x)[0], ref, atol=2e-5, rtol=1e-4)
     # a bound near 1 freezes the state: the recurrent state stays at its initial value
     s0 = {"recurrent": torch.randn(2, D), **{k: torch.zeros(2, D, 3) for k in ("conv_i", "conv_f")}}
-    _, s1 = m(x, state=s0, lower_bound=torch.full((D,), 1 - 1e-7))
+    set_lower_bound(m, torch.full((D,), 1 - 1e-7))
+    _, s1 = m(x, state=s0)
     torch.testing.assert_close(s1["recurrent"], s0["recurrent"], atol=1e-4, rtol=1e-4)
 
 
-def test_hgrn_first_layer_has_no_bound_and_bounds_increase_with_depth():
-    m = build("hgrn", layer_idx=0)
-    x = torch.randn(1, T, D)
-    torch.testing.assert_close(m(x, lower_bound=torch.full((D,), 0.9))[0], m(x)[0])
-    bounds = layer_lower_bounds(torch.randn(5, D))
-    assert torch.equal(bounds[0], torch.zeros(D))
-    assert (bounds.diff(dim=0) > 0).all() and (bounds < 1).all()
+@pytest.mark.parametrize("name", ["hgrn", "hgrn2"])
+def test_hgrn_first_layer_has_no_bound_and_initial_bounds_rise_with_depth(name):
+    """fla's cumulative softmax over zero logits gives layer i the floor i / L at init; each layer owns its own."""
+    L = 5
+    layers = [build_mixer(name, D, H, layer_idx=i, num_layers=L) for i in range(L)]
+    assert layers[0].lower_bound_logit is None
+    for i, m in enumerate(layers[1:], start=1):
+        gamma = torch.sigmoid(m.lower_bound_logit.double())
+        torch.testing.assert_close(gamma, torch.full_like(gamma, i / L))
+    # and the bound takes effect: the gate equals gamma + (1 - gamma) sigmoid(f)
+    f = torch.randn(3, layers[2].lower_bound_logit.shape[0])
+    lam = bounded_log_forget(f, layers[2].lower_bound_logit).exp()
+    torch.testing.assert_close(lam, 0.4 + 0.6 * torch.sigmoid(f), atol=1e-6, rtol=1e-6)
 
 
 def test_hgrn2_equals_state_expanded_recurrence():
     m = build("hgrn2", expand_ratio=4, layer_idx=3)
     x = torch.randn(2, T, D)
-    gamma = torch.rand(m.forget_dim) * 0.5
+    gamma = torch.rand(m.forget_dim) * 0.5 + 1e-3
+    set_lower_bound(m, gamma)
     lam = heads(gamma + (1 - gamma) * torch.sigmoid(m.f_proj(x)), 4)
     q, i = heads(F.silu(m.q_proj(x)), 4), heads(m.i_proj(x), D // H)
     S, out = torch.zeros(2, H, 4, D // H), []
@@ -228,7 +243,7 @@ def test_hgrn2_equals_state_expanded_recurrence():
         S = lam[:, t, ..., None] * S + (1 - lam[:, t, ..., None]) * i[:, t, :, None, :]
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * 4**-0.5, S))
     ref = m.o_proj(rms(torch.stack(out, 1).flatten(-2), m.g_norm.weight, 1e-5))
-    torch.testing.assert_close(m(x, lower_bound=gamma)[0], ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(m(x)[0], ref, atol=2e-5, rtol=1e-4)
 
 
 def test_token_shift_reads_state_rows_not_previous_document():

@@ -8,12 +8,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from linear_moe.layers.conv import ShortConvolution
-from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers._parts import GatedOutput, Projections
+from linear_moe.mixers.base import MixerState, StateSpec
 
 
 def head_dims(
@@ -37,7 +35,7 @@ def head_dims(
     return dims[0], dims[1], num_kv_heads
 
 
-class LinearMixer(Mixer):
+class LinearMixer(Projections, GatedOutput):
     """Base of the linear-attention mixers: q_proj, k_proj, v_proj (k/v with `num_kv_heads` heads), optional
     depthwise causal convolutions q_conv1d, k_conv1d, v_conv1d (silu) with state keys conv_q, conv_k, conv_v."""
 
@@ -56,61 +54,26 @@ class LinearMixer(Mixer):
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.head_k_dim, self.head_v_dim, self.num_kv_heads = head_k_dim, head_v_dim, num_kv_heads
         self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
-        kv_k, kv_v = num_kv_heads * head_k_dim, num_kv_heads * head_v_dim
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, kv_k, bias=False)
-        self.v_proj = nn.Linear(hidden_size, kv_v, bias=False)
-        self.use_short_conv = use_short_conv
-        if use_short_conv:
-            if conv_size < 2:
-                raise ValueError(f"{type(self).__name__}: conv_size must be >= 2, got {conv_size}")
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
-            self.k_conv1d = ShortConvolution(kv_k, conv_size, activation="silu", bias=conv_bias)
-            self.v_conv1d = ShortConvolution(kv_v, conv_size, activation="silu", bias=conv_bias)
+        dims = {"q": self.key_dim, "k": num_kv_heads * head_k_dim, "v": num_kv_heads * head_v_dim}
+        self.add_projections(dims, use_short_conv, conv_size, conv_bias)
 
     def _init_output(self, use_output_gate: bool, gate_fn: str, norm_eps: float, norm_per_head: bool = True) -> None:
         """Output norm (+ gate) and o_proj: `g_norm_swish_gate(o, g_proj(x))` (fla's name for the swish gate),
         `g_norm(o, g_proj(x))` for a sigmoid gate, `g_norm(o)` without gate; RMSNorm per head or over all heads."""
         if gate_fn not in ("swish", "sigmoid"):
             raise ValueError(f"{type(self).__name__}: gate_fn must be 'swish' or 'sigmoid', got {gate_fn!r}")
-        self.use_output_gate, self.norm_per_head = use_output_gate, norm_per_head
-        dim = self.head_v_dim if norm_per_head else self.value_dim
-        if use_output_gate:
-            self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
-            self._norm_name = "g_norm_swish_gate" if gate_fn == "swish" else "g_norm"
-            setattr(self, self._norm_name, GatedRMSNorm(dim, eps=norm_eps, activation=gate_fn))
-        else:
-            self._norm_name = "g_norm"
-            self.g_norm = RMSNorm(dim, eps=norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
-
-    def output(self, o_BTHV: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Normalise (and gate) the op output [B, T, H, V] and project back to [B, T, hidden_size]."""
-        shape = (self.num_heads, self.head_v_dim) if self.norm_per_head else (1, self.value_dim)
-        o = o_BTHV.reshape(*o_BTHV.shape[:2], *shape)
-        norm = getattr(self, self._norm_name)
-        o = norm(o, self.g_proj(x).unflatten(-1, shape)) if self.use_output_gate else norm(o)
-        return self.o_proj(o.flatten(-2))
-
-    def conv_keys(self) -> list[str]:
-        return rec.conv_state_keys("qkv") if self.use_short_conv else []
+        name = "g_norm_swish_gate" if use_output_gate and gate_fn == "swish" else "g_norm"
+        norm_dim = self.head_v_dim if norm_per_head else self.value_dim
+        self.add_output(self.value_dim, norm_dim, gate_fn if use_output_gate else None, norm_eps, name)
 
     def project_qkv(
         self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MixerState]:
         """x [B, T, D] -> q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] and the new conv states (when
-        `keep`)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state: MixerState = {}
-        if self.use_short_conv:
-            convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), conv_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
-        return (
-            q.unflatten(-1, (self.num_heads, self.head_k_dim)),
-            k.unflatten(-1, (self.num_kv_heads, self.head_k_dim)),
-            v.unflatten(-1, (self.num_kv_heads, self.head_v_dim)),
-            conv_state,
-        )
+        `keep`). Head counts come from the shapes (tensor parallelism shards heads)."""
+        (q, k, v), conv_state = self.project(x, state, cu_seqlens, keep)
+        K, V = self.head_k_dim, self.head_v_dim
+        return q.unflatten(-1, (-1, K)), k.unflatten(-1, (-1, K)), v.unflatten(-1, (-1, V)), conv_state
 
     def repeat_kv(self, *ts: torch.Tensor) -> list[torch.Tensor]:
         """Grouped heads [B, T, Hkv, ...] -> [B, T, H, ...] (each k/v head serves H/Hkv query heads)."""
@@ -148,5 +111,9 @@ class LinearMixer(Mixer):
             return o, {}
         return o, ({"recurrent": s[0], "normalizer": s[1]} if normalize else {"recurrent": s})
 
-    def linear_state_keys(self, normalize: bool) -> list[str]:
-        return ["recurrent", *(["normalizer"] if normalize else []), *self.conv_keys()]
+    def linear_spec(self, key_dim: int, normalize: bool) -> dict[str, StateSpec]:
+        """`recurrent` [H, key_dim, V], `normalizer` [1, H, key_dim] (with `normalize`), and the conv states."""
+        spec = {"recurrent": StateSpec((self.num_heads, key_dim, self.head_v_dim))}
+        if normalize:
+            spec["normalizer"] = StateSpec((1, self.num_heads, key_dim))
+        return {**spec, **self.conv_spec()}

@@ -1,39 +1,73 @@
-"""The interface every token mixer implements.
+"""The contract every token mixer implements.
 
-    y, new_state = mixer(x, state=None, cu_seqlens=None, use_cache=False)
+    y, new_state = mixer(x, state=None, cu_seqlens=None, use_cache=False, context=None)
 
 - `x`: hidden states `[B, T, hidden_size]`; `y` has the same shape.
-- `state`: the mixer's explicit recurrent state, a `dict[str, Tensor]` (for example
-  `{"recurrent": [B, H, K, V], "conv_q": [B, D, W-1]}`; softmax attention keeps `{"k", "v"}`),
-  or None for a fresh sequence. With `cu_seqlens` the state's batch dimension is the number of
-  documents N.
-- `cu_seqlens`: `[N+1]` int offsets of packed documents in a batch of one (`x` is `[1, T_total, D]`);
-  every document starts from its own state (zero, or `state[...][n]`) and nothing leaks across.
-- `use_cache` (or a given `state`): return the state after the last token, else return None.
+- `state`: the mixer's explicit recurrent state, a `dict[str, Tensor]` whose keys and per-row shapes the mixer
+  declares in `state_spec()` (for example `{"recurrent": [H, K, V], "conv_q": [H*K, W-1]}`), or None for a fresh
+  sequence. `init_state(batch_size)` builds the zero state, which behaves exactly as None. With `cu_seqlens` the
+  state's first dimension is the number of documents N.
+- `cu_seqlens`: `[N+1]` int offsets of packed documents in a batch of one (`x` is `[1, T_total, D]`); every document
+  starts from its own state (zero, or `state[...][n]`) and nothing leaks across.
+- `use_cache` (or a given `state`): return the state after the last token, else None.
+- `context`: the one `MixerContext` of this forward, handed to every mixer alike. It carries the values that
+  travel from layer to layer (RWKV-7's first-layer value `v_first`); a pipeline stage sends it with the hidden
+  states, so no mixer reads anything model-wide.
 
-Two optional keyword arguments exist for mixers that need something from the model: `lower_bound` (HGRN's
-per-layer forget-gate floor, a learned model parameter) and `shared` (a dict the model creates once per forward
-and hands to every mixer that takes it, for values passed between layers: RWKV-7's first-layer value `v_first`).
-The model finds them by the mixer's `forward` signature.
+What a mixer takes from the model is only its constructor arguments: `hidden_size`, `num_heads`, `layer_idx`,
+`num_layers` (depth-dependent inits; every mixer accepts it) and its own options. Parameters a method needs are
+owned by the mixer (HGRN's forget-gate lower bound included).
 
-Layers hold no parallelism code and no hidden state of their own: everything that carries over
-between calls goes through `state`, so chunked prefill, decoding and context parallelism can
-manage it from the outside.
+A subclass implements `mix(x, state, cu_seqlens, keep, context) -> (y, new_state)` (`keep`: the new state is
+wanted), `state_spec()` and `sequence_flops()`; `forward` is the template that validates the call once, decides
+`keep`, and drops the state when it is not wanted. Layers hold no parallelism code and no hidden state of their
+own: everything that carries over between calls goes through `state`, so chunked prefill, decoding and context
+parallelism manage it from the outside.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from linear_moe.ops.checks import check_varlen
+
+Tensor = torch.Tensor
 MixerState = dict[str, torch.Tensor]
 
 
+@dataclass
+class MixerContext:
+    """Values one forward hands from layer to layer. The model makes a fresh one per forward; a pipeline stage
+    receives it from the previous stage and sends it on. Fields are None until a layer sets them."""
+
+    v_first: torch.Tensor | None = None  # RWKV-7: the value of the first RWKV-7 layer [B, T, value_dim]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set (what a pipeline stage sends)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: `shape` per row (the batch or document dimension comes first and is not listed) and
+    `dtype` (None: the compute dtype of the inputs, e.g. short-conv and token-shift states; float32 for the
+    recurrent states fla's kernels keep; int64 for counters)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = torch.float32
+
+
 class Mixer(nn.Module):
-    """Base class for token mixers (see module docstring for the contract)."""
+    """Base class for token mixers (see the module docstring for the contract)."""
 
     hidden_size: int
     num_heads: int
+    layer_idx: int
+    uses_num_layers: ClassVar[bool] = False  # the constructor takes `num_layers` (a depth-dependent init)
 
     def forward(
         self,
@@ -41,8 +75,48 @@ class Mixer(nn.Module):
         state: MixerState | None = None,
         cu_seqlens: torch.Tensor | None = None,
         use_cache: bool = False,
+        context: MixerContext | None = None,
     ) -> tuple[torch.Tensor, MixerState | None]:
+        self.check_call(x, state, cu_seqlens)
+        keep = use_cache or state is not None
+        y, new_state = self.mix(x, state, cu_seqlens, keep, context)
+        return y, (new_state if keep else None)
+
+    def mix(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None,
+        cu_seqlens: torch.Tensor | None,
+        keep: bool,
+        context: MixerContext | None,
+    ) -> tuple[torch.Tensor, MixerState]:
+        """The method itself: y [B, T, D] and the new state (may be empty when not `keep`)."""
         raise NotImplementedError
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        """The keys of this mixer's state and the shape of one row of each."""
+        raise NotImplementedError
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+    ) -> MixerState:
+        """A zero state of `batch_size` rows (equivalent to `state=None`), preallocated from `state_spec()`; `dtype`
+        is the compute dtype used for entries whose spec dtype is None (default: the parameters' dtype).
+        `max_seq_len` sizes the KV cache of softmax attention; recurrent mixers have constant-size states and
+        ignore it."""
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        state = {}
+        for key, spec in self.state_spec().items():
+            dt = spec.dtype or dtype
+            if dt.is_floating_point:  # recurrent states are kept in at least float32 (float64 stays float64)
+                dt = torch.promote_types(dt, dtype) if spec.dtype is not None else dt
+            state[key] = torch.zeros(batch_size, *spec.shape, dtype=dt, device=device)
+        return state
 
     def sequence_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of the token mixing itself (the products that are not weight matmuls,
@@ -50,7 +124,24 @@ class Mixer(nn.Module):
         sequence of `seq_len` tokens. Weight matmuls are counted from the parameters by the model."""
         raise NotImplementedError
 
-    @staticmethod
-    def check_input(name: str, x: torch.Tensor, hidden_size: int) -> None:
-        if x.dim() != 3 or x.shape[-1] != hidden_size:
-            raise ValueError(f"{name}: expected hidden states [B, T, {hidden_size}], got shape {tuple(x.shape)}")
+    def check_call(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> None:
+        """Validate hidden states, packing and that `state` carries the declared keys with the right row count and
+        shapes; one-line errors that name the mixer."""
+        name = type(self).__name__
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{name}: expected hidden states [B, T, {self.hidden_size}], got shape {tuple(x.shape)}")
+        check_varlen(name, x, cu_seqlens)
+        if state is None:
+            return
+        spec = self.state_spec()
+        missing = [k for k in spec if k not in state]
+        if missing:
+            raise ValueError(f"{name}: state is missing {missing}; a state from this mixer has keys {list(spec)}")
+        n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+        for key, s in spec.items():
+            want = (n, *s.shape)
+            if tuple(state[key].shape) != want:
+                raise ValueError(
+                    f"{name}: state[{key!r}] has shape {tuple(state[key].shape)}, expected {want} "
+                    "(rows = batch or documents)"
+                )

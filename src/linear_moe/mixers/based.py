@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.feature_maps import TaylorFeatureMap
 
 
@@ -59,23 +58,15 @@ class BasedLinearAttention(_linear.LinearMixer):
     def build_feature_map(self, feature_dim: int) -> nn.Module:
         return TaylorFeatureMap(feature_dim)
 
-    def state_keys(self) -> list[str]:
-        return self.linear_state_keys(True)
+    def state_spec(self) -> dict[str, StateSpec]:
+        return self.linear_spec(self.feature_map.out_dim, True)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)
         q, k = self.feature_map(q), self.feature_map(k)
         o_BTHV, s = self.run_linear_attn(q, k, v, state, keep, cu_seqlens, normalize=True, scale=1.0)
         y = self.o_proj(o_BTHV.flatten(-2))
-        return y, ({**s, **conv_state} if keep else None)
+        return y, {**s, **conv_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         kf = self.feature_map.out_dim

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.layers.conv import ShortConvolution
-from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers._linear import head_dims
+from linear_moe.mixers._parts import GatedOutput, Projections
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
@@ -26,7 +24,7 @@ def qk_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-class DeltaNet(Mixer):
+class DeltaNet(Projections, GatedOutput):
     """DeltaNet: S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(d_k).
 
     "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", arXiv:2406.06484
@@ -64,71 +62,38 @@ class DeltaNet(Mixer):
             raise ValueError(f"DeltaNet: qk_activation must be one of {QK_ACTIVATIONS}, got {qk_activation!r}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"DeltaNet: qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
-        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        if (
-            not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim)))
-            or round(key_dim) % num_heads
-            or round(value_dim) % num_heads
-        ):
-            raise ValueError(
-                f"DeltaNet: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
-                f"must be integers divisible by num_heads={num_heads}"
-            )
+        hk, hv, _ = head_dims("DeltaNet", hidden_size, num_heads, expand_k, expand_v, None)
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
-        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
-        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
-        self.use_beta, self.use_gate, self.use_short_conv = use_beta, use_gate, use_short_conv
-        self.allow_neg_eigval, self.qk_activation, self.qk_norm = allow_neg_eigval, qk_activation, qk_norm
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.head_k_dim, self.head_v_dim = hk, hv
+        self.key_dim, self.value_dim = num_heads * hk, num_heads * hv
+        self.use_beta, self.allow_neg_eigval = use_beta, allow_neg_eigval
+        self.qk_activation, self.qk_norm = qk_activation, qk_norm
+        qk_act = "silu" if qk_activation == "silu" else None
+        dims = {"q": self.key_dim, "k": self.key_dim, "v": self.value_dim}
+        self.add_projections(dims, use_short_conv, conv_size, conv_bias, {"q": qk_act, "k": qk_act, "v": "silu"})
         if use_beta:
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        if use_short_conv:
-            qk_act = "silu" if qk_activation == "silu" else None
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_act, bias=conv_bias)
-            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_act, bias=conv_bias)
-            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu", bias=conv_bias)
-        if use_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
-        else:
-            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.add_output(self.value_dim, hv, "swish" if use_gate else None, norm_eps)
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
-        B, T, _ = x.shape
-        new_state: MixerState = {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
-        else:
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
+        (q, k, v), new_state = self.project(x, state, cu_seqlens, keep)
+        if not self.use_short_conv:  # the convolutions apply silu themselves
             if self.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
             v = F.silu(v)
-        q_BTHK = qk_activation(q.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
-        k_BTHK = qk_activation(k.unflatten(-1, (self.num_heads, self.head_k_dim)), self.qk_activation)
-        v_BTHV = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        q_BTHK = qk_activation(q.unflatten(-1, (-1, self.head_k_dim)), self.qk_activation)
+        k_BTHK = qk_activation(k.unflatten(-1, (-1, self.head_k_dim)), self.qk_activation)
+        v_BTHV = v.unflatten(-1, (-1, self.head_v_dim))
         if self.qk_norm == "sum":  # "l2" runs inside the op (in fla's kernel on GPU)
             q_BTHK, k_BTHK = F.normalize(q_BTHK, p=1, dim=-1, eps=1e-6), F.normalize(k_BTHK, p=1, dim=-1, eps=1e-6)
-        beta_BTH = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(B, T, self.num_heads)
+        beta_BTH = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(q_BTHK.shape[:3])
         if self.allow_neg_eigval:
             beta_BTH = beta_BTH * 2.0
 
-        fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, T))
+        fn = rec.op("delta_rule", rec.use_recurrent_kernel(self, state, x.shape[1]))
         o_BTHV, s_BHKV = fn(
             q=q_BTHK,
             k=k_BTHK,
@@ -139,7 +104,7 @@ class DeltaNet(Mixer):
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=self.qk_norm == "l2",
         )
-        return rec.gated_output(self, o_BTHV, x), ({"recurrent": s_BHKV, **new_state} if keep else None)
+        return self.output(o_BTHV, x), {"recurrent": s_BHKV, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         # WY form per chunk: beta K K^T (C*K), T = (I + A)^-1 (~C^2/3, ignored), W = T beta K (C*K),

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.layers.conv import ShortConvolution
-from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers._parts import GatedOutput, Projections
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 
 GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
@@ -21,7 +20,7 @@ def decay_log(a_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tenso
     return -rec.acc(A_log_H).exp() * F.softplus(rec.acc(a_BTH) + rec.acc(dt_bias_H))
 
 
-class GatedDeltaNet(Mixer):
+class GatedDeltaNet(Projections, GatedOutput):
     """Gated DeltaNet: S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(d_k),
     with alpha_t = exp(-exp(A_log) softplus(a_proj(x) + dt_bias)).
 
@@ -72,60 +71,35 @@ class GatedDeltaNet(Mixer):
         self.num_v_heads = num_v_heads
         self.head_k_dim, self.head_v_dim = head_dim, round(head_v_dim)
         self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_v_heads * self.head_v_dim
-        self.use_gate, self.use_short_conv, self.allow_neg_eigval = use_gate, use_short_conv, allow_neg_eigval
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.allow_neg_eigval = allow_neg_eigval
+        dims = {"q": self.key_dim, "k": self.key_dim, "v": self.value_dim}
+        self.add_projections(dims, use_short_conv, conv_size, conv_bias)
         self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(0, 16).log())
         self.A_log._no_weight_decay = True
         self.dt_bias = nn.Parameter(rec.init_dt_bias(num_v_heads))
         self.dt_bias._no_weight_decay = True
-        if use_short_conv:
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
-            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu", bias=conv_bias)
-            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu", bias=conv_bias)
-        if use_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-            self.o_norm = GatedRMSNorm(
-                self.head_v_dim, eps=norm_eps, activation=GATE_ACTIVATIONS[output_gate_activation]
-            )
-        else:
-            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        gate = GATE_ACTIVATIONS[output_gate_activation] if use_gate else None
+        self.add_output(self.value_dim, self.head_v_dim, gate, norm_eps)
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent"] + (rec.conv_state_keys("qkv") if self.use_short_conv else [])
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"recurrent": StateSpec((self.num_v_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
-        T = x.shape[1]
-        new_state: MixerState = {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            convs = {"q": self.q_conv1d, "k": self.k_conv1d, "v": self.v_conv1d}
-            (q, k, v), new_state = rec.run_short_convs(convs, {"q": q, "k": k, "v": v}, state, cu_seqlens, keep)
-        else:
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
+        (q, k, v), new_state = self.project(x, state, cu_seqlens, keep)
+        if not self.use_short_conv:  # the convolutions apply silu themselves
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)
-        q_BTHK = q.unflatten(-1, (self.num_heads, self.head_k_dim))
-        k_BTHK = k.unflatten(-1, (self.num_heads, self.head_k_dim))
-        v_BTHV = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))  # HV >= H heads (GVA)
+        q_BTHK = q.unflatten(-1, (-1, self.head_k_dim))
+        k_BTHK = k.unflatten(-1, (-1, self.head_k_dim))
+        v_BTHV = v.unflatten(-1, (-1, self.head_v_dim))  # HV >= H heads (GVA)
         beta_BTH = self.b_proj(x).sigmoid()
         if self.allow_neg_eigval:
             beta_BTH = beta_BTH * 2.0
         g_BTH = decay_log(self.a_proj(x), self.A_log, self.dt_bias)
 
-        fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, T))
+        fn = rec.op("gated_delta_rule", rec.use_recurrent_kernel(self, state, x.shape[1]))
         o_BTHV, s_BHKV = fn(
             q=q_BTHK,
             k=k_BTHK,
@@ -137,7 +111,7 @@ class GatedDeltaNet(Mixer):
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
         )
-        return rec.gated_output(self, o_BTHV, x), ({"recurrent": s_BHKV, **new_state} if keep else None)
+        return self.output(o_BTHV, x), {"recurrent": s_BHKV, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Same WY chunk form as DeltaNet; the scalar decay adds only O(C) per token.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.feature_maps import ELEMENTWISE
 
 
@@ -70,18 +69,10 @@ class GatedLinearAttention(_linear.LinearMixer):
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.gate_logit_normalizer, self.clamp_min = gate_logit_normalizer, clamp_min
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent", *self.conv_keys()]
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         gk_BTHK = F.logsigmoid(self.gk_proj(x).float().unflatten(-1, (self.num_kv_heads, self.head_k_dim)))
         gk_BTHK = gk_BTHK / self.gate_logit_normalizer
@@ -100,7 +91,7 @@ class GatedLinearAttention(_linear.LinearMixer):
                 q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
             )
         y = self.output(o_BTHV, x)
-        return y, ({"recurrent": s, **new_state} if keep else None)
+        return y, {"recurrent": s, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Per-channel decay: the intra-chunk scores need q*exp(g) and k*exp(-g) (one extra C*K pass).

@@ -2,33 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.layers.conv import ShortConvolution
-from linear_moe.layers.norm import GatedRMSNorm
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers._parts import GatedOutput, Projections
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 
 
-def layer_lower_bounds(logits_LD: torch.Tensor) -> torch.Tensor:
-    """HGRN's per-layer forget-gate lower bounds from learned logits [L, D]: cumsum(softmax over layers)
-    shifted so that layer 0 gets 0 and bounds increase with depth (arXiv:2311.04823, Sec. 3.2). -> [L, D]."""
-    p_LD = rec.acc(logits_LD).softmax(0)
-    return p_LD.cumsum(0) - p_LD[0]
+def initial_lower_bound(layer_idx: int, num_layers: int) -> float:
+    """HGRN's forget-gate floor of layer `layer_idx` at initialisation: layer_idx / num_layers. This is what the
+    paper's cumulative softmax over layers gives with its zero-initialised logits (arXiv:2311.04823, Sec. 3.2):
+    0 for the first layer, rising with depth."""
+    return layer_idx / num_layers
 
 
-def bounded_log_forget(f_raw: torch.Tensor, lower_bound: torch.Tensor | None) -> torch.Tensor:
-    """log of the forget gate lambda = gamma + (1 - gamma) sigmoid(f_raw) (gamma = lower bound, 0 if None)."""
+def add_lower_bound(mixer: nn.Module, dim: int, num_layers: int | None) -> None:
+    """Register the layer's own learned floor `lower_bound_logit` [dim] (gamma = sigmoid(logit)), started at
+    `initial_lower_bound`; the first layer has none (its floor is 0), as in the paper. The layer owns its bound, so
+    a pipeline stage needs nothing from other layers."""
+    num_layers = max(num_layers or 0, mixer.layer_idx + 1)
+    gamma = initial_lower_bound(mixer.layer_idx, num_layers)
+    logit = torch.full((dim,), math.log(gamma / (1 - gamma))) if gamma > 0 else None
+    mixer.lower_bound_logit = None if logit is None else nn.Parameter(logit)
+    if logit is not None:
+        mixer.lower_bound_logit._no_weight_decay = True
+
+
+def bounded_log_forget(f_raw: torch.Tensor, lower_bound_logit: torch.Tensor | None) -> torch.Tensor:
+    """log of the forget gate lambda = gamma + (1 - gamma) sigmoid(f_raw) with gamma = sigmoid(lower_bound_logit)
+    (no floor when None), float32 or wider."""
     f = F.logsigmoid(rec.acc(f_raw))
-    if lower_bound is None:
+    if lower_bound_logit is None:
         return f
-    gamma = lower_bound.to(f.dtype)
-    return torch.logaddexp(gamma.log(), torch.log1p(-gamma) + f)
+    b = rec.acc(lower_bound_logit)
+    return torch.logaddexp(F.logsigmoid(b), F.logsigmoid(-b) + f)
 
 
-class HGRNAttention(Mixer):
+class HGRNAttention(Projections, GatedOutput):
     """HGRN: h_t = lambda_t * h_{t-1} + (1 - lambda_t) * silu(i_t), o_t = rmsnorm(h_t) * silu(g_t), element-wise,
     with forget gate lambda_t = gamma + (1 - gamma) sigmoid(f_t) bounded below by the layer's gamma.
 
@@ -38,10 +52,14 @@ class HGRNAttention(Mixer):
     Options (fla defaults): expand_ratio (1): state width I = hidden_size * expand_ratio; use_short_conv (False),
     conv_size (4), conv_bias (False): conv (no activation) on i and f; elementwise_affine (True); norm_eps (1e-5).
     `num_heads` is accepted for the common interface; HGRN is element-wise and does not use it.
-    The lower bound gamma [I] is passed to `forward(..., lower_bound=...)` by the model (see
-    `layer_lower_bounds`); layer 0 ignores it (its bound is 0), and None means no bound.
+    num_layers (None -> layer_idx + 1): the depth the initial floor gamma = layer_idx / num_layers is spread over.
+    The layer owns its floor (`lower_bound_logit` [I], gamma = sigmoid of it; none in layer 0, whose floor is 0):
+    fla keeps the floors of all layers as one model parameter (a cumulative softmax over layers), which would tie
+    every layer to every other; here each layer learns its own, started where fla's starts.
     State: `recurrent` [B, I] (float32), plus `conv_i`/`conv_f` [B, I, W-1] with short convs.
     """
+
+    uses_num_layers = True
 
     def __init__(
         self,
@@ -54,47 +72,27 @@ class HGRNAttention(Mixer):
         conv_bias: bool = False,
         elementwise_affine: bool = True,
         norm_eps: float = 1e-5,
+        num_layers: int | None = None,
     ):
         super().__init__()
         if expand_ratio < 1 or int(expand_ratio) != expand_ratio:
             raise ValueError(f"HGRNAttention: expand_ratio must be a positive integer, got {expand_ratio!r}")
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
         self.input_dim = hidden_size * int(expand_ratio)
-        self.use_short_conv = use_short_conv
-        self.i_proj = nn.Linear(hidden_size, self.input_dim, bias=False)
-        self.f_proj = nn.Linear(hidden_size, self.input_dim, bias=False)
-        self.g_proj = nn.Linear(hidden_size, self.input_dim, bias=False)
-        if use_short_conv:
-            self.f_conv1d = ShortConvolution(self.input_dim, conv_size, activation=None, bias=conv_bias)
-            self.i_conv1d = ShortConvolution(self.input_dim, conv_size, activation=None, bias=conv_bias)
-        self.g_norm = GatedRMSNorm(self.input_dim, eps=norm_eps)
-        if not elementwise_affine:
-            self.g_norm.weight = None
-        self.o_proj = nn.Linear(self.input_dim, hidden_size, bias=False)
+        dims = {"i": self.input_dim, "f": self.input_dim}
+        self.add_projections(dims, use_short_conv, conv_size, conv_bias, conv_activation=None)
+        self.add_output(self.input_dim, self.input_dim, "swish", norm_eps, "g_norm", elementwise_affine)
+        add_lower_bound(self, self.input_dim, num_layers)
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent"] + (rec.conv_state_keys("if") if self.use_short_conv else [])
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"recurrent": StateSpec((self.input_dim,)), **self.conv_spec()}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-        lower_bound: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
-        T = x.shape[1]
-        new_state: MixerState = {}
-        i, f = self.i_proj(x), self.f_proj(x)
-        if self.use_short_conv:
-            convs = {"i": self.i_conv1d, "f": self.f_conv1d}
-            (i, f), new_state = rec.run_short_convs(convs, {"i": i, "f": f}, state, cu_seqlens, keep)
-        log_f_BTI = bounded_log_forget(f, lower_bound if self.layer_idx > 0 else None)
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
+        (i, f), new_state = self.project(x, state, cu_seqlens, keep)
+        log_f_BTI = bounded_log_forget(f, self.lower_bound_logit)
         i_BTI = F.silu(rec.acc(i)) * -torch.expm1(log_f_BTI)  # (1 - lambda) silu(i), float32: fla's state dtype
 
-        fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, T))
+        fn = rec.op("hgrn", rec.use_recurrent_kernel(self, state, x.shape[1]))
         o_BTI, h_BI = fn(
             x=i_BTI,
             g=log_f_BTI,
@@ -102,8 +100,7 @@ class HGRNAttention(Mixer):
             output_final_state=keep,
             cu_seqlens=cu_seqlens,
         )
-        y = self.o_proj(self.g_norm(o_BTI.to(x.dtype), self.g_proj(x)))
-        return y, ({"recurrent": h_BI, **new_state} if keep else None)
+        return self.output(o_BTI.to(x.dtype), x), {"recurrent": h_BI, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Element-wise scan: h = lambda h + x and the input gating, a few FLOPs per channel per token.

@@ -6,7 +6,7 @@ import torch
 
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.feature_maps import ELEMENTWISE
 
 
@@ -40,6 +40,8 @@ class LightningAttention(_linear.LinearMixer):
         use_short_conv (False), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
     State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
     """
+
+    uses_num_layers = True
 
     def __init__(
         self,
@@ -77,18 +79,10 @@ class LightningAttention(_linear.LinearMixer):
         """log lambda_h = -slope_h, [H] float32."""
         return -lightning_slopes(self.num_heads, self.layer_idx, self.num_layers, device)
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent", *self.conv_keys()]
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         if self.act is not None:
             q, k, v = self.act(q), self.act(k), self.act(v)
@@ -105,7 +99,7 @@ class LightningAttention(_linear.LinearMixer):
             cu_seqlens=cu_seqlens,
         )
         y = self.output(o_BTHV, x)
-        return y, ({"recurrent": s, **new_state} if keep else None)
+        return y, {"recurrent": s, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim)

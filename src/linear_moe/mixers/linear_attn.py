@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.feature_maps import build_feature_map
 
 OUTPUT_NORMS = ("rmsnorm", "identity")
@@ -62,18 +61,10 @@ class LinearAttention(_linear.LinearMixer):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.norm_q, self.norm_k, self.normalize = norm_q, norm_k, do_feature_map_norm
 
-    def state_keys(self) -> list[str]:
-        return self.linear_state_keys(self.normalize)
+    def state_spec(self) -> dict[str, StateSpec]:
+        return self.linear_spec(self.feature_map_q.out_dim, self.normalize)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, conv_state = self.project_qkv(x, state, cu_seqlens, keep)
         k, v = self.repeat_kv(k, v)
         q, k = self.feature_map_q(q), self.feature_map_k(k)
@@ -83,7 +74,7 @@ class LinearAttention(_linear.LinearMixer):
             k = k / (k.sum(-1, keepdim=True) + 1e-4)
         o_BTHV, s = self.run_linear_attn(q, k, v, state, keep, cu_seqlens, self.normalize, None)
         y = self.o_proj(self.norm(o_BTHV).flatten(-2))
-        return y, ({**s, **conv_state} if keep else None)
+        return y, {**s, **conv_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         kf = self.feature_map_q.out_dim

@@ -8,7 +8,7 @@ from torch import nn
 
 from linear_moe.layers.conv import ShortConvolution
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec, Tensor
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -92,19 +92,18 @@ class Mamba2(Mixer):
             self.norm = GroupedGatedRMSNorm(inner, inner // n_groups, norm_eps, norm_before_gate)
         self.out_proj = nn.Linear(inner, hidden_size, bias=use_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, ["recurrent", "conv_xbc"])
-        keep = use_cache or state is not None
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "recurrent": StateSpec((self.num_heads, self.ssm_state_size, self.head_dim)),
+            "conv_xbc": StateSpec((self.conv_dim, self.conv1d.kernel_size - 1), None),
+        }
+
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         T = x.shape[1]
         H, P, N, G = self.num_heads, self.head_dim, self.ssm_state_size, self.n_groups
         z, xbc, dt_BTH = self.in_proj(x).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        (xbc,), new_state = rec.run_short_convs({"xbc": self.conv1d}, {"xbc": xbc}, state, cu_seqlens, keep)
+        conv_state = None if state is None else state["conv_xbc"]
+        xbc, conv_xbc = self.conv1d(xbc, conv_state, cu_seqlens, output_final_state=keep)
         xs, b, c = xbc.split([self.intermediate_size, G * N, G * N], dim=-1)
         x_BTHP = xs.unflatten(-1, (H, P))
         b_BTHN = b.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)  # head h reads group h // (H/G)
@@ -126,7 +125,7 @@ class Mamba2(Mixer):
         D = self.D.view(H, P) if self.D_has_hdim else self.D[:, None]
         y = (rec.acc(o_BTHP) + rec.acc(x_BTHP) * rec.acc(D)).flatten(-2).to(x.dtype)
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
-        return self.out_proj(y), ({"recurrent": s_BHNP, **new_state} if keep else None)
+        return self.out_proj(y), {"recurrent": s_BHNP, "conv_xbc": conv_xbc}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Chunked SSD: C.B^T (C*N), masked scores.(x dt) (C*P), C.h (N*P), state update B^T.(x dt) (N*P).

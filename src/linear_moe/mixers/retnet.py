@@ -6,7 +6,7 @@ import torch
 
 from linear_moe.mixers import _linear
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import MixerState
+from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.feature_maps import ELEMENTWISE
 from linear_moe.mixers.rotary import RotaryEmbedding, token_positions
 
@@ -63,18 +63,14 @@ class MultiScaleRetention(_linear.LinearMixer):
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.rotary = RotaryEmbedding(hk, rope_theta)
 
-    def state_keys(self) -> list[str]:
-        return ["recurrent", "pos", *self.conv_keys()]
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)),
+            "pos": StateSpec((), torch.long),
+            **self.conv_spec(),
+        }
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, self.state_keys())
-        keep = use_cache or state is not None
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)
         if self.feature_map_fn is not None:
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
@@ -92,7 +88,7 @@ class MultiScaleRetention(_linear.LinearMixer):
             cu_seqlens=cu_seqlens,
         )
         y = self.output(o_BTHV, x)
-        return y, ({"recurrent": s, "pos": pos_end, **new_state} if keep else None)
+        return y, {"recurrent": s, "pos": pos_end, **new_state}
 
     def sequence_flops(self, seq_len: int) -> float:
         return self.num_heads * rec.chunked_flops(seq_len, self.head_k_dim, self.head_v_dim)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers._linear import head_dims
+from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.low_rank import LowRankProjection
 from linear_moe.mixers.token_shift import token_shift
 
@@ -72,19 +71,10 @@ class RWKV6Attention(Mixer):
         super().__init__()
         if gate_fn not in GATE_FNS:
             raise ValueError(f"RWKV6Attention: gate_fn must be one of {list(GATE_FNS)}, got {gate_fn!r}")
-        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        if (
-            not (math.isclose(key_dim, round(key_dim)) and math.isclose(value_dim, round(value_dim)))
-            or round(key_dim) % num_heads
-            or round(value_dim) % num_heads
-        ):
-            raise ValueError(
-                f"RWKV6Attention: hidden_size*expand_k={key_dim} and hidden_size*expand_v={value_dim} "
-                f"must be integers divisible by num_heads={num_heads}"
-            )
+        hk, hv, _ = head_dims("RWKV6Attention", hidden_size, num_heads, expand_k, expand_v, None)
         self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
-        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
-        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        self.head_k_dim, self.head_v_dim = hk, hv
+        self.key_dim, self.value_dim = num_heads * hk, num_heads * hv
         self.proj_low_rank_dim, self.gate_fn = proj_low_rank_dim, GATE_FNS[gate_fn]
 
         self.x_proj = nn.Sequential(
@@ -111,14 +101,13 @@ class RWKV6Attention(Mixer):
             if isinstance(m, nn.Linear) and id(m) not in loras:
                 nn.init.xavier_uniform_(m.weight, gain=2**-2.5)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, ["recurrent", "shift"])
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)),
+            "shift": StateSpec((self.hidden_size,), None),
+        }
+
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         B, T, D = x.shape
         H = self.num_heads
         delta, shift_ND = token_shift(x, None if state is None else state["shift"], cu_seqlens)
@@ -132,8 +121,6 @@ class RWKV6Attention(Mixer):
         k_BTHK = self.k_proj(x, mu_k, delta).unflatten(-1, (H, self.head_k_dim))
         v_BTHV = self.v_proj(x, mu_v, delta).unflatten(-1, (H, self.head_v_dim))
         g = self.g_proj(x, mu_g, delta)
-
-        keep = use_cache or state is not None
         fn = rec.op("rwkv6", rec.use_recurrent_kernel(self, state, T))
         o_BTHV, s_BHKV = fn(
             r=r_BTHK,
@@ -148,7 +135,7 @@ class RWKV6Attention(Mixer):
         )
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
         y = self.o_proj(o * self.gate_fn(g))
-        return y, ({"recurrent": s_BHKV, "shift": shift_ND} if keep else None)
+        return y, {"recurrent": s_BHKV, "shift": shift_ND}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Chunked form with per-channel decay: r.k^T (C*K), scores.v (C*V), r.S (K*V), state update (K*V);

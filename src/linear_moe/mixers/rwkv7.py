@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerState
+from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.low_rank import LowRankProjection
 from linear_moe.mixers.token_shift import token_shift
 
@@ -28,17 +28,18 @@ class RWKV7Attention(Mixer):
 
     "RWKV-7 "Goose" with Expressive Dynamic State Evolution", arXiv:2503.14456. Follows fla's
     `RWKV7Attention` (names x_r/x_w/x_k/x_v/x_a/x_g, k_k, k_a, r_k, r/k/v/o_proj, w/a/g_lora, g_norm) and its
-    layer-dependent init. Value residual: layer 0 publishes its v in the per-forward `shared` dict that the
-    model passes to every mixer taking `shared`; later layers use lerp(v, v_first, sigmoid(v_lora(xv))). Without
-    `shared` (a mixer used alone) or without a published v_first (no RWKV-7 layer 0 in a hybrid stack) a layer
-    uses its own v. `value_residual=False` turns it off.
+    layer-dependent init. Value residual: layer 0 publishes its v as `context.v_first` (the forward's
+    `MixerContext`); later layers use lerp(v, v_first, sigmoid(v_lora(xv))). Without a context (a mixer used alone)
+    or without a published v_first (no RWKV-7 layer 0 in a hybrid stack) a layer uses its own v. `value_residual=False` turns it off.
 
     Options (fla defaults): value_dim (None -> hidden_size); decay_low_rank_dim, a_low_rank_dim,
     gate_low_rank_dim (None -> fla's sqrt(hidden)-based ranks); elementwise_affine (True): affine GroupNorm;
-    norm_eps (1e-5, multiplied by head_dim as in fla); num_hidden_layers (None -> max(layer_idx + 1, 2)):
+    norm_eps (1e-5, multiplied by head_dim as in fla); num_layers (None -> max(layer_idx + 1, 2)):
     depth used by the layer-dependent init. head_dim = hidden_size // num_heads.
     State: `recurrent` [B, H, K, V] (float32), `shift` [B, hidden_size] (the previous token).
     """
+
+    uses_num_layers = True
 
     def __init__(
         self,
@@ -51,7 +52,7 @@ class RWKV7Attention(Mixer):
         gate_low_rank_dim: int | None = None,
         elementwise_affine: bool = True,
         norm_eps: float = 1e-5,
-        num_hidden_layers: int | None = None,
+        num_layers: int | None = None,
         value_residual: bool = True,
         v_low_rank_dim: int | None = None,
     ):
@@ -69,7 +70,7 @@ class RWKV7Attention(Mixer):
         decay_low_rank_dim = decay_low_rank_dim or _lora_rank(2.5, hidden_size, factor)
         a_low_rank_dim = a_low_rank_dim or _lora_rank(2.5, hidden_size, factor)
         gate_low_rank_dim = gate_low_rank_dim or _lora_rank(5.0, hidden_size)
-        self.num_hidden_layers = max(num_hidden_layers or 0, layer_idx + 1, 2)
+        self.num_layers = max(num_layers or 0, layer_idx + 1, 2)
 
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, hidden_size)))
@@ -98,7 +99,7 @@ class RWKV7Attention(Mixer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """RWKV-7's layer-dependent init (as in fla): lerp weights, decay/rate biases, orthogonal projections."""
-        D, L, i = self.hidden_size, self.num_hidden_layers, self.layer_idx
+        D, L, i = self.hidden_size, self.num_layers, self.layer_idx
         ratio_0_to_1, ratio_1_to_almost0 = i / (L - 1), 1.0 - i / L
         n = torch.arange(D, dtype=torch.float32)
         ddd = n / D
@@ -123,15 +124,13 @@ class RWKV7Attention(Mixer):
         nn.init.orthogonal_(self.v_proj.weight)
         nn.init.zeros_(self.o_proj.weight)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
-        shared: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        rec.check_call(self, x, state, cu_seqlens, ["recurrent", "shift"])
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "recurrent": StateSpec((self.num_heads, self.head_dim, self.head_v_dim)),
+            "shift": StateSpec((self.hidden_size,), None),
+        }
+
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         delta, shift_ND = token_shift(x, None if state is None else state["shift"], cu_seqlens)
@@ -142,18 +141,16 @@ class RWKV7Attention(Mixer):
         w = LOG_DECAY_MIN * rec.acc(self.w_lora(xw)).sigmoid()  # log decay
         k = self.k_proj(xk)
         v = self.v_proj(xv)
-        if shared is not None and self.layer_idx == 0:
-            shared["v_first"] = v
-        elif shared is not None and self.v_lora is not None and "v_first" in shared:
-            v = torch.lerp(v, shared["v_first"].to(v.dtype), self.v_lora(xv).sigmoid())
+        if ctx is not None and self.layer_idx == 0:
+            ctx.v_first = v
+        elif ctx is not None and self.v_lora is not None and ctx.v_first is not None:
+            v = torch.lerp(v, ctx.v_first.to(v.dtype), self.v_lora(xv).sigmoid())
         a = self.a_lora(xa).sigmoid()
         g = self.g_lora(xg)
         kk_BTHK = F.normalize((k * self.k_k).unflatten(-1, (H, K)), dim=-1)
         k = k.addcmul(k * (a - 1), self.k_a)  # k * (1 + (a - 1) k_a)
         r_BTHK, k_BTHK, a_BTHK = (t.unflatten(-1, (H, K)) for t in (r, k, a))
         v_BTHV = v.unflatten(-1, (H, self.head_v_dim))
-
-        keep = use_cache or state is not None
         recurrent = rec.use_recurrent_kernel(self, state, T)
         # as fla's layer: the decay bound lets fla's chunk kernel use its 64-token tensor-core scheme
         tuning = {} if recurrent else {"safe_gate": True, "lower_bound": LOG_DECAY_MIN, "chunk_size": 64}
@@ -173,7 +170,7 @@ class RWKV7Attention(Mixer):
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
         bonus_BTH1 = (r_BTHK * k_BTHK * self.r_k).sum(-1, keepdim=True)
         o = (o + (bonus_BTH1 * v_BTHV).flatten(-2)) * g
-        return self.o_proj(o), ({"recurrent": s_BHKV, "shift": shift_ND} if keep else None)
+        return self.o_proj(o), {"recurrent": s_BHKV, "shift": shift_ND}
 
     def sequence_flops(self, seq_len: int) -> float:
         # Chunked generalized delta rule (DPLR, WY form): like DeltaNet's plus the a/b products per chunk.

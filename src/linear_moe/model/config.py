@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,14 +78,7 @@ class ModelConfig:
         attn = {"num_kv_heads": self.num_kv_heads, "rope_theta": self.rope_theta}
         if name == "attention":
             return {**attn, **self.mixer_kwargs} if self.mixer == "attention" else attn
-        kwargs = dict(self.mixer_kwargs)
-        from linear_moe.mixers import MIXERS
-
-        params = inspect.signature(MIXERS[name].__init__).parameters
-        for depth_arg in ("num_layers", "num_hidden_layers"):  # depth-dependent init (lightning_attn, rwkv7)
-            if depth_arg in params and kwargs.get(depth_arg) is None:
-                kwargs[depth_arg] = self.num_layers
-        return kwargs
+        return dict(self.mixer_kwargs)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i >= self.first_k_dense

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-from types import SimpleNamespace
 
 import torch
 
@@ -22,24 +21,17 @@ from linear_moe.model.config import ModelConfig
 
 
 @functools.lru_cache(maxsize=256)
-def _meta_mixer(name: str, hidden_size: int, num_heads: int, layer_idx: int, kwargs_json: str):
+def _meta_mixer(name: str, hidden_size: int, num_heads: int, layer_idx: int, num_layers: int, kwargs_json: str):
     from linear_moe.mixers import build_mixer
 
     with torch.device("meta"):
-        return build_mixer(name, hidden_size, num_heads, layer_idx, **json.loads(kwargs_json))
+        return build_mixer(name, hidden_size, num_heads, layer_idx, num_layers, **json.loads(kwargs_json))
 
 
 def _mixer(cfg: ModelConfig, i: int):
     """Layer `i`'s mixer, built on `meta` (cached per distinct configuration)."""
     kwargs = json.dumps(cfg.layer_mixer_kwargs(i), sort_keys=True)
-    return _meta_mixer(cfg.layer_mixers()[i], cfg.hidden_size, cfg.num_heads, i, kwargs)
-
-
-def lower_bound_dim(cfg: ModelConfig) -> int:
-    """Width of the model's HGRN forget-gate lower bounds [num_layers, width] (0 without HGRN-style layers)."""
-    from linear_moe.model.lm import forget_gate_dim
-
-    return forget_gate_dim([SimpleNamespace(mixer=_mixer(cfg, i)) for i in range(cfg.num_layers)])
+    return _meta_mixer(cfg.layer_mixers()[i], cfg.hidden_size, cfg.num_heads, i, cfg.num_layers, kwargs)
 
 
 def swiglu_params(hidden_size: int, ffn_hidden_size: int) -> int:
@@ -71,7 +63,6 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
     """
     emb = cfg.vocab_size * cfg.hidden_size
     n = sum(layer_params(cfg, i, active) for i in range(cfg.num_layers)) + cfg.hidden_size + emb  # + final norm + head
-    n += cfg.num_layers * lower_bound_dim(cfg)
     if embeddings and not cfg.tie_embeddings:
         n += emb
     return n

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from linear_moe.layers.norm import RMSNorm
-from linear_moe.mixers import MixerState, build_mixer
-from linear_moe.mixers.hgrn import layer_lower_bounds
+from linear_moe.mixers import MixerContext, MixerState, build_mixer
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.loss import causal_lm_loss
 from linear_moe.moe import MoELayer, SwiGLU
@@ -43,13 +41,12 @@ class Block(nn.Module):
             cfg.hidden_size,
             cfg.num_heads,
             layer_idx,
+            cfg.num_layers,
             **cfg.layer_mixer_kwargs(layer_idx),
         )
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.takes_lower_bound = uses_lower_bound(self.mixer)
-        self.takes_shared = "shared" in inspect.signature(self.mixer.forward).parameters
 
     def forward(
         self,
@@ -57,15 +54,9 @@ class Block(nn.Module):
         state: MixerState | None = None,
         cu_seqlens: torch.Tensor | None = None,
         use_cache: bool = False,
-        **mixer_kwargs,
+        context: MixerContext | None = None,
     ):
-        y_BTD, new_state = self.mixer(
-            compute_dtype(self.attn_norm(x_BTD)),
-            state=state,
-            cu_seqlens=cu_seqlens,
-            use_cache=use_cache,
-            **mixer_kwargs,
-        )
+        y_BTD, new_state = self.mixer(compute_dtype(self.attn_norm(x_BTD)), state, cu_seqlens, use_cache, context)
         x_BTD = x_BTD + y_BTD
         h_BTD = compute_dtype(self.ffn_norm(x_BTD))
         aux = None
@@ -85,21 +76,6 @@ class LMOutput:
     expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed to each expert
 
 
-def uses_lower_bound(mixer: nn.Module) -> bool:
-    """HGRN-style mixers take `forward(..., lower_bound=gamma)` from the model."""
-    return "lower_bound" in inspect.signature(mixer.forward).parameters
-
-
-def forget_gate_dim(layers: nn.ModuleList) -> int:
-    """Width of the forget-gate lower bounds of the HGRN-style layers (0 when there are none)."""
-    dims = {
-        getattr(b.mixer, "forget_dim", getattr(b.mixer, "input_dim", 0)) for b in layers if uses_lower_bound(b.mixer)
-    }
-    if len(dims) > 1:
-        raise ValueError(f"HGRN layers with different forget-gate widths {sorted(dims)}; use one width")
-    return dims.pop() if dims else 0
-
-
 class LinearMoEForCausalLM(nn.Module):
     """Causal LM over `ModelConfig` (see docs/models.md). Parameter names follow HF:
     `embed_tokens`, `layers.{i}.{attn_norm,mixer,ffn_norm,ffn}`, `norm`, `lm_head`."""
@@ -111,9 +87,6 @@ class LinearMoEForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        bound_dim = forget_gate_dim(self.layers)
-        # HGRN / HGRN2: learned per-layer forget-gate lower bounds, shared by the model (arXiv:2311.04823, Sec. 3.2)
-        self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_layers, bound_dim)) if bound_dim else None
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -133,6 +106,18 @@ class LinearMoEForCausalLM(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The `MoELayer`s in layer order (the trainer updates their bias from `expert_load`)."""
         return [b.ffn for b in self.layers if b.is_moe]
+
+    def init_states(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+    ) -> list[MixerState]:
+        """One zero state per layer (`Mixer.init_state`), preallocated: recurrent and short-conv states, and a KV
+        cache of `max_seq_len` (default `cfg.max_seq_len`) for softmax layers. Equivalent to `states=None`."""
+        max_seq_len = max_seq_len or self.cfg.max_seq_len
+        return [b.mixer.init_state(batch_size, device, dtype, max_seq_len) for b in self.layers]
 
     def forward(
         self,
@@ -155,13 +140,9 @@ class LinearMoEForCausalLM(nn.Module):
         keep_states = use_cache or states is not None
         x_BTD = self.embed_tokens(input_ids)
         new_states, auxes = [], []
-        bounds_LD = layer_lower_bounds(self.lower_bounds) if self.lower_bounds is not None else None
-        shared: dict[str, torch.Tensor] = {}  # per-forward values passed between layers (RWKV-7's v_first)
+        context = MixerContext()  # values passed from layer to layer in this forward (RWKV-7's v_first)
         for i, block in enumerate(self.layers):
-            extra = {"lower_bound": bounds_LD[i]} if block.takes_lower_bound else {}
-            if block.takes_shared:
-                extra["shared"] = shared
-            x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache, **extra)
+            x_BTD, st, aux = block(x_BTD, None if states is None else states[i], cu_seqlens, use_cache, context)
             new_states.append(st)
             if aux is not None:
                 auxes.append(aux)
