@@ -5,12 +5,10 @@ and prefill + step-by-step decoding (fla's fused_recurrent kernels reading state
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-from linear_moe.mixers import MIXERS, build_mixer
+from linear_moe.mixers import MIXERS, MixerContext, build_mixer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -51,11 +49,9 @@ def test_forward_backward_fla_matches_torch(name, monkeypatch):
     def run():
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        kwargs = {}
-        if "shared" in inspect.signature(m.forward).parameters:  # cross-layer inputs from a layer-0 twin
-            kwargs["shared"] = {}
-            first(xi, shared=kwargs["shared"])
-        y, _ = m(xi, **kwargs)
+        context = MixerContext()  # cross-layer inputs (RWKV-7's v_first) from a layer-0 twin
+        first(xi, context=context)
+        y, _ = m(xi, context=context)
         y.backward(gy)
         grads = {n: p.grad.float().clone() for n, p in m.named_parameters()}
         return y.detach(), xi.grad, grads
