@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from linear_moe.ops import varlen
-from linear_moe.ops.checks import check_qkv, check_state, expect_shape  # noqa: F401 - used as cc.*
 
 Tensor = torch.Tensor
 
@@ -28,17 +27,6 @@ Tensor = torch.Tensor
 def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (the accumulation dtype)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def reject_head_first(name: str, kwargs: dict) -> None:
-    """fla 0.6 removed `head_first`; a caller still passing it would silently get the wrong layout."""
-    if kwargs.get("head_first"):
-        raise ValueError(f"{name}: head_first=True was removed in fla 0.6; pass inputs as [B, T, H, D]")
-
-
-def fla_kwargs(kwargs: dict) -> dict:
-    """Extra keyword arguments to forward to an fla op that takes **kwargs (fla raises on any `head_first`)."""
-    return {k: v for k, v in kwargs.items() if k != "head_first"}
 
 
 def packed(

@@ -10,13 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linear_moe.ops._dispatch import fla_module_fn, use_fla
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _check(name: str, a: Args) -> None:
+    if a["gate"].shape != a["up"].shape:
+        raise ValueError(f"{name}: gate {tuple(a['gate'].shape)} and up {tuple(a['up'].shape)} must have one shape")
+
+
+@checked(_check)
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [..., F] (one shape and dtype) -> silu(gate) * up."""
-    if gate.shape != up.shape:
-        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
-    if use_fla(gate) and gate.dtype == up.dtype and gate.numel() > 0:
-        return fla_module_fn("activations.ops", "swiglu")(gate, up)
     return F.silu(gate) * up
+
+
+swiglu = fla_dispatch(
+    swiglu_torch,
+    FlaCall(
+        "modules.activations.ops",
+        "swiglu",
+        ("gate", "up"),
+        positional=2,
+        when=lambda a: a["gate"].dtype == a["up"].dtype and a["gate"].numel() > 0,
+    ),
+)

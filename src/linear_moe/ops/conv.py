@@ -12,36 +12,50 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.ops import varlen
-from linear_moe.ops._dispatch import fla_module_fn, use_fla
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch
 
 
-def causal_conv1d(
+def _check(name: str, a: Args) -> None:
+    x, weight = a["x"], a["weight"]
+    if a["activation"] not in (None, "silu"):
+        raise ValueError(f"{name}: activation must be None or 'silu', got {a['activation']!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{name}: expected x [B, T, D] and weight [D, W], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+
+
+@checked(_check)
+def causal_conv1d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [B, T, D], weight [D, W], bias [D] | None, activation None | 'silu' -> y [B, T, D] in x.dtype."""
-    if activation not in (None, "silu"):
-        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"causal_conv1d: expected x [B, T, D] and weight [D, W], got {tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if use_fla(x):
-        fn = fla_module_fn("causal_conv1d.ops", "causal_conv1d")
-        y, _ = fn(
-            x,
-            weight.to(x.dtype),
-            None if bias is None else bias.to(x.dtype),
-            activation=activation,
-            cu_seqlens=cu_seqlens,
-        )
-        return y
+    """x [B, T, D], weight [D, W], bias [D] | None, activation None | 'silu' -> y [B, T, D] in x.dtype
+    (`F.conv1d` on padded documents)."""
     if cu_seqlens is not None:
-        return varlen.unpad(causal_conv1d(varlen.pad(x, cu_seqlens), weight, bias, activation), cu_seqlens)
+        return varlen.unpad(causal_conv1d_torch(varlen.pad(x, cu_seqlens), weight, bias, activation), cu_seqlens)
     return conv1d_with_context(F.pad(x.transpose(1, 2), (weight.shape[1] - 1, 0)), weight, bias, activation)
+
+
+def _fla_args(a: Args) -> Args:
+    x, bias = a["x"], a["bias"]
+    return {**a, "weight": a["weight"].to(x.dtype), "bias": None if bias is None else bias.to(x.dtype)}
+
+
+causal_conv1d = fla_dispatch(
+    causal_conv1d_torch,
+    FlaCall(
+        "modules.causal_conv1d.ops",
+        "causal_conv1d",
+        ("x", "weight", "bias", "activation", "cu_seqlens"),
+        positional=3,
+        adapt=_fla_args,
+        finish=lambda out, a: out[0],  # fla returns (y, final conv state)
+    ),
+)
 
 
 def conv1d_with_context(

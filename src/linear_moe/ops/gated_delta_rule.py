@@ -16,50 +16,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import fla_op, like, use_fla
-from linear_moe.ops.checks import check_layout, check_varlen
-from linear_moe.ops.delta_rule import check_beta, delta_to_dplr
+from linear_moe.ops import _wy, checks
+from linear_moe.ops._dispatch import Args, FlaCall, cast_like, checked, fla_dispatch
+from linear_moe.ops.delta_rule import delta_to_dplr
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 64
 
 
-def expand_gva(name: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def expand_gva(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Repeat q, k `[B, T, H, K]` to v's HV heads (value head i reads q/k head i // (HV // H))."""
     h, hv = q.shape[2], v.shape[2]
-    if q.dim() != 4 or v.dim() != 4 or hv == h:
-        return q, k
+    return (q, k) if hv == h else (q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2))
+
+
+def _check_layout(name: str, a: Args) -> None:
+    """`[B, T, H, D]` q, k and v (v may have more heads than q: GVA) and packing; all fla's kernel needs from us."""
+    checks.check_layout(name, q=a["q"], k=a["k"])
+    checks.check_layout(name, v=a["v"])
+    checks.check_varlen(name, a["q"], a["cu_seqlens"])
+
+
+def _check(name: str, a: Args) -> None:
+    """Full checks of the PyTorch path, value heads HV a multiple of the q/k heads H (GVA)."""
+    _check_layout(name, a)
+    q, v = a["q"], a["v"]
+    (B, T, h, K), (hv, V) = q.shape, v.shape[2:]
     if hv % h:
         raise ValueError(f"{name}: v has {hv} heads, which must be a multiple of q/k's {h} heads (GVA)")
-    return q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
-
-
-def _check(
-    name: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    beta: Tensor,
-    initial_state: Tensor | None,
-    state_v_first: bool,
-    cu_seqlens: Tensor | None,
-    gk: Tensor | None = None,
-) -> None:
-    n = cc.check_qkv(name, q, k, v, cu_seqlens, gk=gk)
-    if g is not None:
-        check_beta(name, q, g, "g")
-    check_beta(name, q, beta)
-    cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
-
-
-def _check_fla(name: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
-    """Layout checks before fla's kernel (which validates the rest; v may have more heads than q: GVA)."""
-    check_layout(name, q=q, k=k)
-    check_layout(name, v=v)
-    check_varlen(name, q, cu_seqlens)
+    checks.expect_shape(name, "k", a["k"], tuple(q.shape), "q.shape [B, T, H, K]")
+    checks.expect_shape(name, "v", v, (B, T, hv, V), "[B, T, HV, V]")
+    for arg in ("g", "beta"):
+        checks.expect_shape(name, arg, a[arg], (B, T, hv), "[B, T, HV]")
+    checks.expect_shape(name, "gk", a.get("gk"), (B, T, hv, K), "[B, T, HV, K]")
+    n = B if a["cu_seqlens"] is None else len(a["cu_seqlens"]) - 1
+    checks.check_state(name, a["initial_state"], n, hv, K, V, a["state_v_first"])
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -83,6 +74,7 @@ def _gates(g: Tensor | None, beta: Tensor, kwargs: dict, gk: Tensor | None = Non
     return g, beta
 
 
+@checked(_check)
 def chunk_gated_delta_rule_torch(
     q: Tensor,
     k: Tensor,
@@ -103,9 +95,7 @@ def chunk_gated_delta_rule_torch(
     """PyTorch chunked WY form. q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g, beta `[B, T, HV]` (HV = H, or a
     multiple for GVA), initial_state `[N, HV, K, V]` (`[N, HV, V, K]` with state_v_first)
     -> o `[B, T, HV, V]` (v's dtype), final state like initial_state (float32) or None."""
-    cc.reject_head_first("chunk_gated_delta_rule", kwargs)
-    q, k = expand_gva("chunk_gated_delta_rule", q, k, v)
-    _check("chunk_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens)
+    q, k = expand_gva(q, k, v)
     g, beta = _gates(
         g, beta, dict(kwargs, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
     )
@@ -128,6 +118,7 @@ def chunk_gated_delta_rule_torch(
     )
 
 
+@checked(_check)
 def fused_recurrent_gated_delta_rule_torch(
     q: Tensor,
     k: Tensor,
@@ -151,10 +142,8 @@ def fused_recurrent_gated_delta_rule_torch(
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path). g `[B, T, H]` and/or gk `[B, T, H, K]` (log decays, optional),
     beta `[B, T, H]` (default ones); shapes otherwise as `chunk_gated_delta_rule_torch`."""
-    cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
-    q, k = expand_gva("fused_recurrent_gated_delta_rule", q, k, v)
+    q, k = expand_gva(q, k, v)
     beta = torch.ones_like(q[..., 0]) if beta is None else beta
-    _check("fused_recurrent_gated_delta_rule", q, k, v, g, beta, initial_state, state_v_first, cu_seqlens, gk)
     opts = dict(
         gv=gv,
         use_gate_in_kernel=use_gate_in_kernel,
@@ -171,129 +160,30 @@ def fused_recurrent_gated_delta_rule_torch(
     )
 
 
-def chunk_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    state_v_first: bool = False,
-    cu_seqlens: Tensor | None = None,
-    cu_seqlens_cpu: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_gated_delta_rule` on CUDA (bf16/fp16 inputs), else `chunk_gated_delta_rule_torch`."""
-    cc.reject_head_first("chunk_gated_delta_rule", kwargs)
-    if use_fla(q):
-        _check_fla("chunk_gated_delta_rule", q, k, v, cu_seqlens)
-        q, k, beta = like(v, q, k, beta)
-        return fla_op("gated_delta_rule", "chunk_gated_delta_rule")(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-            allow_neg_eigval=allow_neg_eigval,
-            state_v_first=state_v_first,
-            cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu,
-            **cc.fla_kwargs(kwargs),
-        )
-    return chunk_gated_delta_rule_torch(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale,
-        initial_state,
-        output_final_state,
-        use_qk_l2norm_in_kernel,
-        use_beta_sigmoid_in_kernel,
-        allow_neg_eigval,
-        state_v_first,
-        cu_seqlens,
-        cu_seqlens_cpu,
-        **kwargs,
-    )
-
-
-def fused_recurrent_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    gk: Tensor | None = None,
-    gv: Tensor | None = None,
-    beta: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_gate_in_kernel: bool = False,
-    A_log: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    use_beta_sigmoid_in_kernel: bool = False,
-    allow_neg_eigval: bool = False,
-    state_v_first: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_gated_delta_rule` on CUDA, else `fused_recurrent_gated_delta_rule_torch`."""
-    cc.reject_head_first("fused_recurrent_gated_delta_rule", kwargs)
-    if use_fla(q):
-        _check_fla("fused_recurrent_gated_delta_rule", q, k, v, cu_seqlens)
-        q, k, beta = like(v, q, k, beta)
-        return fla_op("gated_delta_rule", "fused_recurrent_gated_delta_rule")(
-            q,
-            k,
-            v,
-            g=g,
-            gk=gk,
-            gv=gv,
-            beta=beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            use_gate_in_kernel=use_gate_in_kernel,
-            A_log=A_log,
-            dt_bias=dt_bias,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-            allow_neg_eigval=allow_neg_eigval,
-            state_v_first=state_v_first,
-            cu_seqlens=cu_seqlens,
-            **cc.fla_kwargs(kwargs),
-        )
-    return fused_recurrent_gated_delta_rule_torch(
-        q,
-        k,
-        v,
-        g,
-        gk,
-        gv,
-        beta,
-        scale,
-        initial_state,
-        output_final_state,
-        use_qk_l2norm_in_kernel,
-        use_gate_in_kernel,
-        A_log,
-        dt_bias,
-        use_beta_sigmoid_in_kernel,
-        allow_neg_eigval,
-        state_v_first,
-        cu_seqlens,
-        **kwargs,
-    )
+STATE = ("scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel")
+BETA = ("use_beta_sigmoid_in_kernel", "allow_neg_eigval", "state_v_first", "cu_seqlens")
+CAST = cast_like("v", "q", "k", "beta")
+chunk_gated_delta_rule = fla_dispatch(
+    chunk_gated_delta_rule_torch,
+    FlaCall(
+        "ops.gated_delta_rule",
+        "chunk_gated_delta_rule",
+        ("q", "k", "v", "g", "beta", *STATE, *BETA, "cu_seqlens_cpu"),
+        positional=5,
+        kwargs=True,
+        adapt=CAST,
+    ),
+    check=_check_layout,
+)
+fused_recurrent_gated_delta_rule = fla_dispatch(
+    fused_recurrent_gated_delta_rule_torch,
+    FlaCall(
+        "ops.gated_delta_rule",
+        "fused_recurrent_gated_delta_rule",
+        ("q", "k", "v", "g", "gk", "gv", "beta", *STATE, "use_gate_in_kernel", "A_log", "dt_bias", *BETA),
+        positional=3,
+        kwargs=True,
+        adapt=CAST,
+    ),
+    check=_check_layout,
+)

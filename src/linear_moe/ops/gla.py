@@ -12,28 +12,22 @@ from typing import Any
 import torch
 
 from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops import checks
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
+COMMON = ("scale", "initial_state", "output_final_state")
 
 
-def _check(
-    name: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gk: Tensor | None,
-    gv: Tensor | None,
-    initial_state: Tensor | None,
-    state_v_first: bool,
-    cu_seqlens: Tensor | None,
-) -> None:
-    n = cc.check_qkv(name, q, k, v, cu_seqlens, g=gk)
-    cc.expect_shape(name, "gv", gv, tuple(v.shape), "v.shape [B, T, H, V]")
-    cc.check_state(name, initial_state, n, q.shape[2], q.shape[3], v.shape[3], state_v_first)
+def _check(name: str, a: Args) -> None:
+    q, v = a["q"], a["v"]
+    n = checks.check_qkv(name, q, a["k"], v, a["cu_seqlens"], g=a.get("g", a.get("gk")))
+    checks.expect_shape(name, "gv", a.get("gv"), tuple(v.shape), "v.shape [B, T, H, V]")
+    checks.check_state(name, a["initial_state"], n, q.shape[2], q.shape[3], v.shape[3], a["state_v_first"])
 
 
+@checked(_check)
 def chunk_gla_torch(
     q: Tensor,
     k: Tensor,
@@ -49,8 +43,6 @@ def chunk_gla_torch(
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. q, k, g `[B, T, H, K]`, v `[B, T, H, V]`, initial_state `[N, H, K, V]`
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
-    cc.reject_head_first("chunk_gla", kwargs)
-    _check("chunk_gla", q, k, v, g, None, initial_state, state_v_first, cu_seqlens)
     return cc.run_gated(
         cc.chunk_gated,
         q,
@@ -66,6 +58,7 @@ def chunk_gla_torch(
     )
 
 
+@checked(_check)
 def fused_recurrent_gla_torch(
     q: Tensor,
     k: Tensor,
@@ -81,8 +74,6 @@ def fused_recurrent_gla_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path). gk `[B, T, H, K]`, gv `[B, T, H, V]` (optional)."""
-    cc.reject_head_first("fused_recurrent_gla", kwargs)
-    _check("fused_recurrent_gla", q, k, v, gk, gv, initial_state, state_v_first, cu_seqlens)
     return cc.run_gated(
         cc.recurrent_gated,
         q,
@@ -99,73 +90,28 @@ def fused_recurrent_gla_torch(
     )
 
 
-def chunk_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    state_v_first: bool = False,
-    cu_seqlens: Tensor | None = None,
-    cu_seqlens_cpu: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_gla` on CUDA (extra kwargs dropped: fla takes none; initial_state cast to float32,
-    which fla asserts), else `chunk_gla_torch`."""
-    cc.reject_head_first("chunk_gla", kwargs)
-    if use_fla(q):
-        _check("chunk_gla", q, k, v, g, None, initial_state, state_v_first, cu_seqlens)
-        return fla_op("gla", "chunk_gla")(
-            q,
-            k,
-            v,
-            g,
-            scale=scale,
-            initial_state=None if initial_state is None else initial_state.float(),
-            output_final_state=output_final_state,
-            state_v_first=state_v_first,
-            cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu,
-        )
-    return chunk_gla_torch(
-        q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu, **kwargs
-    )
+def _float_state(a: Args) -> Args:
+    return {**a, "initial_state": None if a["initial_state"] is None else a["initial_state"].float()}
 
 
-def fused_recurrent_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gk: Tensor | None = None,
-    gv: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    reverse: bool = False,
-    state_v_first: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_gla` on CUDA, else `fused_recurrent_gla_torch`."""
-    cc.reject_head_first("fused_recurrent_gla", kwargs)
-    if use_fla(q):
-        _check("fused_recurrent_gla", q, k, v, gk, gv, initial_state, state_v_first, cu_seqlens)
-        return fla_op("gla", "fused_recurrent_gla")(
-            q,
-            k,
-            v,
-            gk=gk,
-            gv=gv,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            reverse=reverse,
-            state_v_first=state_v_first,
-            cu_seqlens=cu_seqlens,
-            **cc.fla_kwargs(kwargs),
-        )
-    return fused_recurrent_gla_torch(
-        q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, state_v_first, cu_seqlens, **kwargs
-    )
+chunk_gla = fla_dispatch(
+    chunk_gla_torch,
+    FlaCall(
+        "ops.gla",
+        "chunk_gla",
+        ("q", "k", "v", "g", *COMMON, "state_v_first", "cu_seqlens", "cu_seqlens_cpu"),
+        positional=4,
+        adapt=_float_state,
+    ),
+    note="fla's chunk_gla takes no extra kwargs and asserts a float32 initial_state.",
+)
+fused_recurrent_gla = fla_dispatch(
+    fused_recurrent_gla_torch,
+    FlaCall(
+        "ops.gla",
+        "fused_recurrent_gla",
+        ("q", "k", "v", "gk", "gv", *COMMON, "reverse", "state_v_first", "cu_seqlens"),
+        positional=3,
+        kwargs=True,
+    ),
+)

@@ -13,20 +13,21 @@ from typing import Any
 import torch
 
 from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops._dispatch import fla_op, use_fla
-from linear_moe.ops.checks import check_varlen
+from linear_moe.ops import checks
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch, needs_grad
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C] per channel
 
 
-def _check(name: str, x: Tensor, g: Tensor, initial_state: Tensor | None, cu_seqlens: Tensor | None) -> None:
+def _check(name: str, a: Args) -> None:
+    x = a["x"]
     if x.dim() != 3:
         raise ValueError(f"{name}: `x` must be [B, T, D] (3-D; HGRN has no heads), got shape {tuple(x.shape)}")
-    cc.expect_shape(name, "g", g, tuple(x.shape), "x.shape [B, T, D]")
-    check_varlen(name, x, cu_seqlens)
-    n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-    cc.expect_shape(name, "initial_state", initial_state, (n, x.shape[2]), "[N, D]")
+    checks.expect_shape(name, "g", a["g"], tuple(x.shape), "x.shape [B, T, D]")
+    checks.check_varlen(name, x, a["cu_seqlens"])
+    n = x.shape[0] if a["cu_seqlens"] is None else len(a["cu_seqlens"]) - 1
+    checks.expect_shape(name, "initial_state", a["initial_state"], (n, x.shape[2]), "[N, D]")
 
 
 def _run(engine, x, g, initial_state, output_final_state, cu_seqlens, **opts):
@@ -36,6 +37,7 @@ def _run(engine, x, g, initial_state, output_final_state, cu_seqlens, **opts):
     return o[..., 0].to(x.dtype), (s[..., 0, 0] if output_final_state else None)
 
 
+@checked(_check)
 def chunk_hgrn_torch(
     x: Tensor,
     g: Tensor,
@@ -45,8 +47,6 @@ def chunk_hgrn_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. x, g `[B, T, D]`, initial_state `[N, D]` -> o `[B, T, D]`, final `[N, D]` or None."""
-    cc.reject_head_first("chunk_hgrn", kwargs)
-    _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
     return _run(
         cc.chunk_gated,
         x,
@@ -58,6 +58,7 @@ def chunk_hgrn_torch(
     )
 
 
+@checked(_check)
 def fused_recurrent_hgrn_torch(
     x: Tensor,
     g: Tensor,
@@ -67,8 +68,6 @@ def fused_recurrent_hgrn_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_hgrn_torch`."""
-    cc.reject_head_first("fused_recurrent_hgrn", kwargs)
-    _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
     return _run(cc.recurrent_gated, x, g, initial_state, output_final_state, cu_seqlens)
 
 
@@ -79,43 +78,26 @@ def _fla_chunk_hgrn_is_exact(
     dht ignored): use it only when neither state needs a gradient."""
     if cu_seqlens is not None:
         return False
-    if not torch.is_grad_enabled():
-        return True
-    state_grad = initial_state is not None and initial_state.requires_grad
-    return not state_grad and not (output_final_state and (x.requires_grad or g.requires_grad))
+    a = {"x": x, "g": g, "initial_state": initial_state}
+    return not needs_grad(a, "initial_state") and not (output_final_state and needs_grad(a, "x", "g"))
 
 
-def chunk_hgrn(
-    x: Tensor,
-    g: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_hgrn` on CUDA, else `chunk_hgrn_torch`. On CUDA, packed calls and calls that need a gradient
-    through a state run fla's `fused_recurrent_hgrn` instead (see `_fla_chunk_hgrn_is_exact`).
-    (`cu_seqlens` is our addition: fla's `chunk_hgrn` has none.)"""
-    cc.reject_head_first("chunk_hgrn", kwargs)
-    if use_fla(x):
-        _check("chunk_hgrn", x, g, initial_state, cu_seqlens)
-        if _fla_chunk_hgrn_is_exact(x, g, initial_state, output_final_state, cu_seqlens):
-            return fla_op("hgrn", "chunk_hgrn")(x, g, initial_state, output_final_state)
-        return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
-    return chunk_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)
-
-
-def fused_recurrent_hgrn(
-    x: Tensor,
-    g: Tensor,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_hgrn` on CUDA, else `fused_recurrent_hgrn_torch`."""
-    cc.reject_head_first("fused_recurrent_hgrn", kwargs)
-    if use_fla(x):
-        _check("fused_recurrent_hgrn", x, g, initial_state, cu_seqlens)
-        return fla_op("hgrn", "fused_recurrent_hgrn")(x, g, initial_state, output_final_state, cu_seqlens)
-    return fused_recurrent_hgrn_torch(x, g, initial_state, output_final_state, cu_seqlens, **kwargs)
+STATE = ("x", "g", "initial_state", "output_final_state")
+FUSED_RECURRENT = FlaCall("ops.hgrn", "fused_recurrent_hgrn", (*STATE, "cu_seqlens"), positional=5)
+chunk_hgrn = fla_dispatch(
+    chunk_hgrn_torch,
+    FlaCall(
+        "ops.hgrn",
+        "chunk_hgrn",
+        STATE,
+        positional=4,
+        drops=("cu_seqlens",),
+        when=lambda a: _fla_chunk_hgrn_is_exact(
+            a["x"], a["g"], a["initial_state"], a["output_final_state"], a["cu_seqlens"]
+        ),
+    ),
+    FUSED_RECURRENT,
+    note="Packed calls and calls that need a gradient through a state run fla's `fused_recurrent_hgrn` "
+    "(`_fla_chunk_hgrn_is_exact`); `cu_seqlens` is our addition (fla's `chunk_hgrn` has none).",
+)
+fused_recurrent_hgrn = fla_dispatch(fused_recurrent_hgrn_torch, FUSED_RECURRENT)

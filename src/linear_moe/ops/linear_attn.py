@@ -13,27 +13,32 @@ from typing import Any
 import torch
 
 from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops import checks
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch
 from linear_moe.ops.simple_gla import CHUNK_SIZE
 
 Tensor = torch.Tensor
 State = Tensor | tuple[Tensor, Tensor]
 
 
-def _split_state(
-    name: str, q: Tensor, k: Tensor, v: Tensor, initial_state: State | None, normalize: bool, cu_seqlens: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """Validate inputs and split `initial_state` into (S [N, H, K, V], z [N, 1, H, K])."""
-    n = cc.check_qkv(name, q, k, v, cu_seqlens)
-    if isinstance(initial_state, tuple):
-        if not normalize:
-            raise ValueError(f"{name}: a (S, z) tuple initial_state needs normalize=True; pass S alone otherwise")
-        s0, z0 = initial_state
-    else:
-        s0, z0 = initial_state, None
-    cc.check_state(name, s0, n, q.shape[2], q.shape[3], v.shape[3])
-    cc.expect_shape(name, "initial_state[1] (z)", z0, (n, 1, q.shape[2], q.shape[3]), "[N, 1, H, K]")
-    return s0, z0
+def _split_state(initial_state: State | None) -> tuple[Tensor | None, Tensor | None]:
+    """`initial_state` -> (S [N, H, K, V], z [N, 1, H, K] or None)."""
+    return initial_state if isinstance(initial_state, tuple) else (initial_state, None)
+
+
+def _check(name: str, a: Args) -> None:
+    """Validate q/k/v and the state (S, or (S, z) with normalize=True)."""
+    q, v = a["q"], a["v"]
+    n = checks.check_qkv(name, q, a["k"], v, a["cu_seqlens"])
+    if isinstance(a["initial_state"], tuple) and not a["normalize"]:
+        raise ValueError(f"{name}: a (S, z) tuple initial_state needs normalize=True; pass S alone otherwise")
+    s0, z0 = _split_state(a["initial_state"])
+    checks.check_state(name, s0, n, q.shape[2], q.shape[3], v.shape[3])
+    checks.expect_shape(name, "initial_state[1] (z)", z0, (n, 1, q.shape[2], q.shape[3]), "[N, 1, H, K]")
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _normalize(
@@ -54,9 +59,9 @@ def _normalize(
     return o / denom, z
 
 
-def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, name, **opts):
-    s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def _run(engine, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, **opts):
+    s0, z0 = _split_state(initial_state)
+    scale = _scale(q, scale)
     o, s = cc.packed(lambda q_, k_, v_: engine(q_, k_, v_, None, scale, s0, **opts), cu_seqlens, q, k, v)
     return _finish(o, s, q, k, scale, z0, output_final_state, normalize, opts.get("reverse", False), cu_seqlens)
 
@@ -80,38 +85,26 @@ def _finish(
     return o.to(q.dtype), (s if output_final_state else None)
 
 
-def _run_fla(
-    name: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: float | None,
-    initial_state: State | None,
-    output_final_state: bool,
-    normalize: bool,
-    cu_seqlens: Tensor | None,
-    **opts: Any,
-) -> tuple[Tensor, State | None]:
-    """fla's unnormalised kernel, then our float32 normaliser. fla's own `normalize=True` keeps the running key
-    sum and the denominators in the input dtype, which in bf16 drifts by percents over a few hundred tokens with
-    Based's 153-wide feature map. The kernel itself also runs on float32 inputs when normalising: the gradient of
-    a normalised output is the small difference of two large terms (the kernel's and the normaliser's), and the
-    kernel's bf16-rounded share of it loses most of its digits."""
-    s0, z0 = _split_state(name, q, k, v, initial_state, normalize, cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qkv = (q.float(), k.float(), v.float()) if normalize else (q, k, v)
-    o, s = fla_op("linear_attn", name)(
-        *qkv,
-        scale=scale,
-        initial_state=s0,
-        output_final_state=output_final_state,
-        normalize=False,
-        cu_seqlens=cu_seqlens,
-        **opts,
-    )
-    return _finish(o, s, q, k, scale, z0, output_final_state, normalize, opts.get("reverse", False), cu_seqlens)
+def _fla_args(a: Args) -> Args:
+    """fla's unnormalised kernel, then our float32 normaliser (`_fla_finish`). fla's own `normalize=True` keeps the
+    running key sum and the denominators in the input dtype, which in bf16 drifts by percents over a few hundred
+    tokens with Based's 153-wide feature map. The kernel itself also runs on float32 inputs when normalising: the
+    gradient of a normalised output is the small difference of two large terms (the kernel's and the
+    normaliser's), and the kernel's bf16-rounded share of it loses most of its digits."""
+    qkv = {n: a[n].float() if a["normalize"] else a[n] for n in ("q", "k", "v")}
+    s0, _ = _split_state(a["initial_state"])
+    return {**a, **qkv, "scale": _scale(a["q"], a["scale"]), "initial_state": s0, "normalize": False}
 
 
+def _fla_finish(out: tuple[Tensor, Tensor | None], a: Args) -> tuple[Tensor, State | None]:
+    o, s = out
+    _, z0 = _split_state(a["initial_state"])
+    reverse = a.get("reverse", False)
+    scale = _scale(a["q"], a["scale"])
+    return _finish(o, s, a["q"], a["k"], scale, z0, a["output_final_state"], a["normalize"], reverse, a["cu_seqlens"])
+
+
+@checked(_check)
 def chunk_linear_attn_torch(
     q: Tensor,
     k: Tensor,
@@ -124,7 +117,6 @@ def chunk_linear_attn_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, State | None]:
     """PyTorch chunked form. q, k `[B, T, H, K]`, v `[B, T, H, V]` -> o `[B, T, H, V]`, final state (see module)."""
-    cc.reject_head_first("chunk_linear_attn", kwargs)
     return _run(
         cc.chunk_gated,
         q,
@@ -135,11 +127,11 @@ def chunk_linear_attn_torch(
         output_final_state,
         normalize,
         cu_seqlens,
-        "chunk_linear_attn",
         chunk_size=kwargs.get("chunk_size") or CHUNK_SIZE,
     )
 
 
+@checked(_check)
 def fused_recurrent_linear_attn_torch(
     q: Tensor,
     k: Tensor,
@@ -153,7 +145,6 @@ def fused_recurrent_linear_attn_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, State | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_linear_attn_torch`."""
-    cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
     return _run(
         cc.recurrent_gated,
         q,
@@ -164,56 +155,32 @@ def fused_recurrent_linear_attn_torch(
         output_final_state,
         normalize,
         cu_seqlens,
-        "fused_recurrent_linear_attn",
         reverse=reverse,
     )
 
 
-def chunk_linear_attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: float | None = None,
-    initial_state: State | None = None,
-    output_final_state: bool = False,
-    normalize: bool = True,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, State | None]:
-    """fla's `chunk_linear_attn` on CUDA (extra kwargs dropped), else `chunk_linear_attn_torch`."""
-    cc.reject_head_first("chunk_linear_attn", kwargs)
-    if use_fla(q):
-        return _run_fla("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens)
-    return chunk_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, **kwargs)
-
-
-def fused_recurrent_linear_attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: float | None = None,
-    initial_state: State | None = None,
-    output_final_state: bool = False,
-    reverse: bool = False,
-    normalize: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, State | None]:
-    """fla's `fused_recurrent_linear_attn` on CUDA (extra kwargs dropped), else the token loop."""
-    cc.reject_head_first("fused_recurrent_linear_attn", kwargs)
-    if use_fla(q):
-        return _run_fla(
-            "fused_recurrent_linear_attn",
-            q,
-            k,
-            v,
-            scale,
-            initial_state,
-            output_final_state,
-            normalize,
-            cu_seqlens,
-            reverse=reverse,
-        )
-    return fused_recurrent_linear_attn_torch(
-        q, k, v, scale, initial_state, output_final_state, reverse, normalize, cu_seqlens, **kwargs
-    )
+COMMON = ("scale", "initial_state", "output_final_state")
+chunk_linear_attn = fla_dispatch(
+    chunk_linear_attn_torch,
+    FlaCall(
+        "ops.linear_attn",
+        "chunk_linear_attn",
+        ("q", "k", "v", *COMMON, "normalize", "cu_seqlens"),
+        positional=3,
+        adapt=_fla_args,
+        finish=_fla_finish,
+    ),
+    note="Extra kwargs are dropped (fla takes none); normalisation runs in float32 (`_fla_args`).",
+)
+fused_recurrent_linear_attn = fla_dispatch(
+    fused_recurrent_linear_attn_torch,
+    FlaCall(
+        "ops.linear_attn",
+        "fused_recurrent_linear_attn",
+        ("q", "k", "v", *COMMON, "reverse", "normalize", "cu_seqlens"),
+        positional=3,
+        adapt=_fla_args,
+        finish=_fla_finish,
+    ),
+    note="Extra kwargs are dropped (fla takes none); normalisation runs in float32 (`_fla_args`).",
+)

@@ -12,27 +12,21 @@ from typing import Any
 import torch
 
 from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops._dispatch import fla_op, use_fla
+from linear_moe.ops import checks
+from linear_moe.ops._dispatch import Args, FlaCall, checked, fla_dispatch, needs_grad
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
 
 
-def _check(
-    name: str,
-    r: Tensor,
-    k: Tensor,
-    v: Tensor,
-    w: Tensor,
-    u: Tensor,
-    initial_state: Tensor | None,
-    cu_seqlens: Tensor | None,
-) -> None:
-    n = cc.check_qkv(name, r, k, v, cu_seqlens, w=w)
-    cc.expect_shape(name, "u", u, tuple(r.shape[2:]), "[H, K]")
-    cc.check_state(name, initial_state, n, r.shape[2], r.shape[3], v.shape[3])
+def _check(name: str, a: Args) -> None:
+    r, v = a["r"], a["v"]
+    n = checks.check_qkv(name, r, a["k"], v, a["cu_seqlens"], w=a["w"])
+    checks.expect_shape(name, "u", a["u"], tuple(r.shape[2:]), "[H, K]")
+    checks.check_state(name, a["initial_state"], n, r.shape[2], r.shape[3], v.shape[3])
 
 
+@checked(_check)
 def chunk_rwkv6_torch(
     r: Tensor,
     k: Tensor,
@@ -48,8 +42,6 @@ def chunk_rwkv6_torch(
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked form. r, k, w `[B, T, H, K]`, v `[B, T, H, V]`, u `[H, K]`, initial_state `[N, H, K, V]`
     -> o `[B, T, H, V]`, final state `[N, H, K, V]` (float32) or None."""
-    cc.reject_head_first("chunk_rwkv6", kwargs)
-    _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
     return cc.run_gated(
         cc.chunk_gated,
         r,
@@ -66,6 +58,7 @@ def chunk_rwkv6_torch(
     )
 
 
+@checked(_check)
 def fused_recurrent_rwkv6_torch(
     r: Tensor,
     k: Tensor,
@@ -80,8 +73,6 @@ def fused_recurrent_rwkv6_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); same shapes as `chunk_rwkv6_torch`."""
-    cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
-    _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
     return cc.run_gated(
         cc.recurrent_gated,
         r,
@@ -97,89 +88,30 @@ def fused_recurrent_rwkv6_torch(
     )
 
 
-def chunk_rwkv6(
-    r: Tensor,
-    k: Tensor,
-    v: Tensor,
-    w: Tensor,
-    u: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    cu_seqlens_cpu: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_rwkv6` on CUDA, else `chunk_rwkv6_torch`."""
-    cc.reject_head_first("chunk_rwkv6", kwargs)
-    if use_fla(r):
-        _check("chunk_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-        return fla_op("rwkv6", "chunk_rwkv6")(
-            r,
-            k,
-            v,
-            w,
-            u,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu,
-            **cc.fla_kwargs(kwargs),
-        )
-    return chunk_rwkv6_torch(
-        r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu, **kwargs
-    )
-
-
-def fused_recurrent_rwkv6(
-    r: Tensor,
-    k: Tensor,
-    v: Tensor,
-    w: Tensor,
-    u: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    reverse: bool = False,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_rwkv6` on CUDA (extra kwargs dropped: fla takes none), else the token loop.
-
-    On the H200 (fla 0.6.0, Triton 3.7.1) the backward of fla's fused recurrent kernel disagrees with the
-    recurrence by ~5% in dk/dv/dw (its forward and fla's chunk kernel agree to bf16 precision), so a call that
-    needs gradients runs fla's `chunk_rwkv6`, which computes the same function."""
-    cc.reject_head_first("fused_recurrent_rwkv6", kwargs)
-    if use_fla(r):
-        _check("fused_recurrent_rwkv6", r, k, v, w, u, initial_state, cu_seqlens)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (r, k, v, w, u, initial_state)
-        )
-        if needs_grad and not reverse:
-            return fla_op("rwkv6", "chunk_rwkv6")(
-                r,
-                k,
-                v,
-                w,
-                u,
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens,
-            )
-        return fla_op("rwkv6", "fused_recurrent_rwkv6")(
-            r,
-            k,
-            v,
-            w,
-            u,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            reverse=reverse,
-            cu_seqlens=cu_seqlens,
-        )
-    return fused_recurrent_rwkv6_torch(
-        r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, **kwargs
-    )
+COMMON = ("scale", "initial_state", "output_final_state")
+chunk_rwkv6 = fla_dispatch(
+    chunk_rwkv6_torch,
+    FlaCall(
+        "ops.rwkv6",
+        "chunk_rwkv6",
+        ("r", "k", "v", "w", "u", *COMMON, "cu_seqlens", "cu_seqlens_cpu"),
+        positional=5,
+        kwargs=True,
+    ),
+)
+fused_recurrent_rwkv6 = fla_dispatch(
+    fused_recurrent_rwkv6_torch,
+    FlaCall(
+        "ops.rwkv6",
+        "chunk_rwkv6",
+        ("r", "k", "v", "w", "u", *COMMON, "cu_seqlens"),
+        positional=5,
+        drops=("reverse",),
+        when=lambda a: needs_grad(a, "r", "k", "v", "w", "u", "initial_state") and not a["reverse"],
+    ),
+    FlaCall("ops.rwkv6", "fused_recurrent_rwkv6", ("r", "k", "v", "w", "u", *COMMON, "reverse", "cu_seqlens"), 5),
+    note="Extra kwargs are dropped (fla's fused_recurrent_rwkv6 takes none). On the H200 (fla 0.6.0, Triton 3.7.1) "
+    "the backward of fla's fused recurrent kernel disagrees with the recurrence by ~5% in dk/dv/dw (its forward and "
+    "fla's chunk kernel agree to bf16 precision), so a call that needs gradients runs fla's `chunk_rwkv6`, which "
+    "computes the same function.",
+)

@@ -16,30 +16,21 @@ from typing import Any
 
 import torch
 
-from linear_moe.ops import _chunk_common as cc
-from linear_moe.ops import _wy
-from linear_moe.ops._dispatch import fla_op, like, use_fla
+from linear_moe.ops import _wy, checks
+from linear_moe.ops._dispatch import Args, FlaCall, cast_like, checked, fla_dispatch
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
 FLA_CHUNK_KWARGS = ("safe_gate", "chunk_size", "disable_recompute", "cp_context", "lower_bound")
 
 
-def _check(
-    name: str,
-    r: Tensor,
-    w: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    b: Tensor,
-    initial_state: Tensor | None,
-    cu_seqlens: Tensor | None,
-) -> None:
-    n = cc.check_qkv(name, r, k, v, cu_seqlens, w=w, a=a, b=b)
-    cc.check_state(name, initial_state, n, r.shape[2], r.shape[3], v.shape[3])
+def _check(name: str, a: Args) -> None:
+    r, v = a["r"], a["v"]
+    n = checks.check_qkv(name, r, a["k"], v, a["cu_seqlens"], w=a["w"], a=a["a"], b=a["b"])
+    checks.check_state(name, a["initial_state"], n, r.shape[2], r.shape[3], v.shape[3])
 
 
+@checked(_check)
 def chunk_rwkv7_torch(
     r: Tensor,
     w: Tensor,
@@ -57,7 +48,6 @@ def chunk_rwkv7_torch(
     """PyTorch chunked generalized-WY form. r, w, k, a, b `[B, T, H, K]`, v `[B, T, H, V]`,
     initial_state `[N, H, K, V]` -> o `[B, T, H, V]` (v's dtype), final state `[N, H, K, V]` (float32) or None.
     fla's kernel-tuning kwargs (safe_gate, disable_recompute, lower_bound) are ignored; chunk_size is honoured."""
-    _check("chunk_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
     return _wy.run_dplr(
         _wy.chunk_dplr,
         r,
@@ -75,6 +65,7 @@ def chunk_rwkv7_torch(
     )
 
 
+@checked(_check)
 def fused_recurrent_rwkv7_torch(
     r: Tensor,
     w: Tensor,
@@ -89,78 +80,21 @@ def fused_recurrent_rwkv7_torch(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch token loop (decoding path); shapes as `chunk_rwkv7_torch`; scale None means K^-0.5."""
-    _check("fused_recurrent_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
     scale = r.shape[-1] ** -0.5 if scale is None else scale
     return _wy.run_dplr(
         _wy.recurrent_dplr, r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens, a_pre_decay=True
     )
 
 
-def chunk_rwkv7(
-    r: Tensor,
-    w: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    b: Tensor,
-    scale: float = 1.0,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    cu_seqlens_cpu: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `chunk_rwkv7` on CUDA (only its own tuning kwargs are forwarded: it takes no **kwargs),
-    else `chunk_rwkv7_torch`."""
-    if use_fla(r):
-        r, k, a, b = like(v, r, k, a, b)
-        _check("chunk_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
-        return fla_op("rwkv7", "chunk_rwkv7")(
-            r,
-            w,
-            k,
-            v,
-            a,
-            b,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu,
-            **{n: val for n, val in kwargs.items() if n in FLA_CHUNK_KWARGS},
-        )
-    return chunk_rwkv7_torch(
-        r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu, **kwargs
-    )
-
-
-def fused_recurrent_rwkv7(
-    r: Tensor,
-    w: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    b: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = True,
-    cu_seqlens: Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """fla's `fused_recurrent_rwkv7` on CUDA (extra kwargs dropped: it takes none), else the torch loop."""
-    if use_fla(r):
-        r, k, a, b = like(v, r, k, a, b)
-        _check("fused_recurrent_rwkv7", r, w, k, v, a, b, initial_state, cu_seqlens)
-        return fla_op("rwkv7", "fused_recurrent_rwkv7")(
-            r,
-            w,
-            k,
-            v,
-            a,
-            b,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-        )
-    return fused_recurrent_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, **kwargs)
+ARGS = ("r", "w", "k", "v", "a", "b", "scale", "initial_state", "output_final_state", "cu_seqlens")
+CAST = cast_like("v", "r", "k", "a", "b")
+chunk_rwkv7 = fla_dispatch(
+    chunk_rwkv7_torch,
+    FlaCall("ops.rwkv7", "chunk_rwkv7", (*ARGS, "cu_seqlens_cpu"), 6, kwargs=FLA_CHUNK_KWARGS, adapt=CAST),
+    note="Only fla's own tuning kwargs are forwarded (it takes no **kwargs).",
+)
+fused_recurrent_rwkv7 = fla_dispatch(
+    fused_recurrent_rwkv7_torch,
+    FlaCall("ops.rwkv7", "fused_recurrent_rwkv7", ARGS, 6, adapt=CAST),
+    note="Extra kwargs are dropped (fla takes none).",
+)
