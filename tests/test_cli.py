@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (
@@ -238,40 +237,3 @@ def test_finetune_help_example_is_accepted():
 
     assert all(not a.startswith("model.") for a in example)
     load_run_config(None, example)  # every key of the example exists
-
-
-def test_bench_model_smoke_on_cpu():
-    """`linear-moe bench model` forwards its arguments; on CPU it only smoke-tests the step (no timing claims)."""
-    res = cli(
-        "bench",
-        "model",
-        "--device",
-        "cpu",
-        "--preset",
-        "debug-qwen2-moe",
-        "--mixer",
-        "gated_deltanet",
-        "--shape",
-        "2x16",
-        "--shape",
-        "2x16:packed",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-    )
-    assert res.returncode == 0, res.stderr
-    assert "2x16:" in res.stdout and "2x16:packed:" in res.stdout and "tokens/s" in res.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-@pytest.mark.parametrize("target", ["model", "moe"])
-def test_bench_without_gpu_is_one_line_error(target):
-    res = cli("bench", target)
-    assert res.returncode != 0
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDA GPU" in lines[0], res.stderr
-
-
-def test_bench_rejects_unknown_target():
-    assert_usage_error(cli("bench", "attention"), "invalid choice")

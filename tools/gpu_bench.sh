@@ -15,8 +15,8 @@ shapes=(); for s in ${SHAPES:-16x2048}; do shapes+=(--shape "$s"); done
 for m in "${@:-gated_deltanet gla}"; do
   for mixer in $m; do
     log="$OUT/bench_${mixer}${BENCH_TAG:+_$BENCH_TAG}.log"
-    timeout -s INT -k 10 "${BENCH_TIMEOUT:-240}" python3 -u -m linear_moe.model.bench --preset A0.3B-2B \
-      --mixer "$mixer" --vocab 32000 "${shapes[@]}" --steps 4 --warmup 2 --autotune "${BENCH_AUTOTUNE:-few}" \
+    timeout -s INT -k 10 "${BENCH_TIMEOUT:-240}" python3 -u -m linear_moe bench model --preset A0.3B-2B \
+      --out "$OUT/bench_${mixer}${BENCH_TAG:+_$BENCH_TAG}" --mixer "$mixer" --vocab 32000 "${shapes[@]}" --steps 4 --warmup 2 --autotune "${BENCH_AUTOTUNE:-few}" \
       --profile "${PROFILE_ROWS:-30}" ${BENCH_ARGS:-} > "$log" 2>&1
     echo "== $mixer: $(grep -E 'warm-up|tokens/s' "$log" | tr '\n' ' ') $(grep -m1 -E 'Error' "$log")"
   done

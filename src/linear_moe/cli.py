@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .bench.options import add_bench_parsers
 from .train.logging import note
 
 EXIT_USAGE = 2
@@ -109,20 +110,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-BENCHES = {"model": "linear_moe.model.bench", "moe": "linear_moe.moe.bench"}
+def bench(args: argparse.Namespace) -> None:
+    """Benchmarks: `linear-moe bench kernel | layer | model | moe | decode | peers | report` (GPU timings from CUDA
+    events after warm-up; see docs/benchmarks.md).
 
-
-def bench(target: str, args: list[str]) -> None:
-    """GPU throughput benchmarks (CUDA events after warm-up; see docs/benchmarks.md).
-
-    `linear-moe bench model --preset A0.3B-2B --mixer gla --vocab 32000 --shape 16x2048` times a preset's
-    forward + backward (tokens/s, MFU, peak memory; `--profile 30` adds a profiler table);
-    `linear-moe bench moe --tokens 65536` times the grouped SwiGLU experts and the whole MoE layer.
-    `linear-moe bench model --help` lists every option.
+    Each mode prints a table, writes OUT/MODE.json and draws OUT/MODE.png (tokens/s and peak memory against
+    sequence length, one line per mixer, softmax attention measured in the same run as the baseline).
+    `linear-moe bench model --preset A0.3B-2B --mixer gla,attention --vocab 32000 --shape 32x2048` times a preset's
+    training step; `linear-moe bench MODE --help` lists each mode's options; `--device cpu` smoke-tests a mode.
     """
-    import importlib
+    from .bench import run_mode
 
-    importlib.import_module(BENCHES[target]).main(args)
+    run_mode(args.mode, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,10 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.set_defaults(run=lambda a: plot(a.run_dir))
 
-    p = sub.add_parser("bench", help=_summary(bench), description=_doc(bench), formatter_class=fmt, add_help=False)
-    p.add_argument("target", choices=BENCHES, help="model: a preset's training step; moe: the grouped experts")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of that bench (--help lists them)")
-    p.set_defaults(run=lambda a: bench(a.target, a.bench_args))
+    p = sub.add_parser("bench", help=_summary(bench), description=_doc(bench), formatter_class=fmt)
+    add_bench_parsers(p, _Parser)
+    p.set_defaults(run=bench)
     return parser
 
 

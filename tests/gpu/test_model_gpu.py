@@ -74,7 +74,7 @@ def test_tiny_model_trains_bf16(preset, mixer):
 def test_a03b_preset_forward_backward(mixer):
     """One bf16-autocast step of the full-size A0.3B-2B preset (vocab 32K, as the reference runs): the initial
     loss is that of a near-uniform prediction, every gradient is finite, and the expert loads count T*k tokens.
-    Throughput and memory of the same step: `python -m linear_moe.model.bench` (docs/benchmarks.md)."""
+    Throughput and memory of the same step: `linear-moe bench model` (docs/benchmarks.md)."""
     torch.manual_seed(0)
     cfg = get_preset("A0.3B-2B").replace(mixer=mixer, vocab_size=32000)
     model = LinearMoEForCausalLM(cfg).cuda()

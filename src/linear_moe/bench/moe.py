@@ -1,0 +1,62 @@
+"""`linear-moe bench moe`: the grouped SwiGLU experts alone, and the whole `MoELayer`, forward + backward.
+
+Default shape: E=64 experts, top-8, D=1024, F=896, 65,536 tokens (random top-8 routing), bf16 on CUDA. Expert FLOPs
+per assignment: forward 2*D*2F + 2*F*D = 6*D*F, backward twice that (18*D*F fwd+bwd), reported as TFLOP/s. The
+`MoELayer` row adds the router, dispatch and combine (no shared expert).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from linear_moe.bench.report import Record, Report
+from linear_moe.bench.timer import resolve_device
+from linear_moe.moe import MoELayer, moe_preset
+from linear_moe.moe.experts import GroupedExperts
+
+
+def experts_step(E: int, k: int, D: int, F: int, T: int, backend: str, device, dtype) -> Callable[[], None]:
+    """fwd + bwd of `GroupedExperts` on T*k rows grouped by a random top-k routing of T tokens."""
+    experts = GroupedExperts(E, D, F, backend=backend).to(device, dtype)
+    torch.nn.init.normal_(experts.w13, std=0.02)
+    torch.nn.init.normal_(experts.w2, std=0.02)
+    experts_TK = torch.randn(T, E, device=device).topk(k, dim=-1).indices
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+    x_ND = torch.randn(T * k, D, device=device, dtype=dtype, requires_grad=True)
+    g_ND = torch.randn(T * k, D, device=device, dtype=dtype)
+    return lambda: experts(x_ND, counts_E).backward(g_ND)
+
+
+def layer_step(E: int, k: int, D: int, F: int, T: int, backend: str, device, dtype) -> Callable[[], None]:
+    """fwd + bwd of a whole `MoELayer` (router, dispatch, experts, combine) on [1, T, D]."""
+    layer = MoELayer(moe_preset("mixtral", num_experts=E, top_k=k, expert_ffn_hidden_size=F), D, backend)
+    layer = layer.to(device, dtype)
+    x_BTD = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+
+    def step() -> None:
+        y, aux = layer(x_BTD)
+        (y.float().square().mean() + aux.loss).backward()
+
+    return step
+
+
+def run(args: argparse.Namespace) -> Report:
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    E, k, D, F, T = args.experts, args.top_k, args.hidden, args.ffn, args.tokens
+    report = Report("moe", args.out, vars(args))
+    print(f"MoE fwd+bwd E={E} top-{k} D={D} F={F} tokens={T} backend={args.backend} {dtype}")
+    flops = 18.0 * T * k * D * F
+
+    def tflops(record: Record) -> float:
+        return flops * record.steps / record.seconds / 1e12
+
+    for name, make in (("grouped experts", experts_step), ("MoELayer", layer_step)):
+        step = partial(make, E, k, D, F, T, args.backend, device, dtype)
+        report.measure(name, 1, T, step, device, args.steps, args.warmup, extra={"expert_TFLOP/s": tflops})
+    report.finish(plot=not args.no_plot, title=f"MoE fwd+bwd, E={E} top-{k} D={D} F={F}")
+    return report
