@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from linear_moe.config import load_yaml, save_yaml
-from linear_moe.mixers import MIXERS
+from linear_moe.mixers import MIXERS, build_mixer
 from linear_moe.model import PRESETS, LinearMoEForCausalLM, ModelConfig, count_params, flops_per_token, get_preset
 from linear_moe.model.flops import forward_flops_per_token, matmul_params
 
@@ -72,18 +72,39 @@ def test_layer_pattern():
     assert [type(b.mixer).__name__ for b in model.layers] == ["GatedLinearAttention", "Attention"]
 
 
-def test_parameter_names_hf_mappable():
-    names = {n for n, _ in build(tiny()).named_parameters()}
-    for want in (
-        "embed_tokens.weight",
-        "layers.0.attn_norm.weight",
-        "layers.0.mixer.q_proj.weight",
-        "layers.1.ffn_norm.weight",
-        "layers.1.ffn.down_proj.weight",
-        "norm.weight",
-        "lm_head.weight",
-    ):
-        assert want in names
+def expected_parameter_names(cfg: ModelConfig) -> set[str]:
+    """Every parameter name of the model, spelled out from the config: the Hugging Face layout (embed_tokens,
+    layers.i.{attn_norm,mixer,ffn_norm,ffn}, norm, lm_head), fla's mixer names, the MoE names of docs/moe.md."""
+    names = {"embed_tokens.weight", "norm.weight"} | (set() if cfg.tie_embeddings else {"lm_head.weight"})
+    for i, mixer in enumerate(cfg.layer_mixers()):
+        pre = f"layers.{i}"
+        names |= {f"{pre}.attn_norm.weight", f"{pre}.ffn_norm.weight"}
+        names |= {f"{pre}.mixer.{n}" for n, _ in build_mixer(mixer, cfg.hidden_size, cfg.num_heads, i,
+                                                            cfg.num_layers, **cfg.layer_mixer_kwargs(i)).named_parameters()}  # fmt: skip
+        dense = {f"{pre}.ffn.{n}_proj.weight" for n in ("gate", "up", "down")}
+        if not cfg.is_moe_layer(i):
+            names |= dense
+            continue
+        names |= {f"{pre}.ffn.router.weight", f"{pre}.ffn.experts.w13", f"{pre}.ffn.experts.w2"}
+        if cfg.moe.shared_ffn_size:
+            names |= {n.replace(".ffn.", ".ffn.shared_experts.") for n in dense}
+            if cfg.moe.shared_expert_gate:
+                names.add(f"{pre}.ffn.shared_expert_gate.weight")
+    return names
+
+
+@pytest.mark.parametrize(
+    ("family", "mixer"),
+    [("dense", "gla"), ("mixtral", "hgrn2"), ("qwen2-moe", "rwkv7"), ("deepseek-v2", "gla"), ("deepseek-v3", "hgrn")],
+)
+def test_parameter_names_are_the_full_hf_mapping(family, mixer):
+    cfg = tiny(family, mixer, layer_pattern="LN", num_layers=2)
+    if family == "deepseek-v2":
+        cfg = cfg.replace(first_k_dense=1)
+    names = {n for n, _ in build(cfg).named_parameters()}
+    assert names == expected_parameter_names(cfg)
+    mixer_names = {n.split(".mixer.")[1] for n in names if n.startswith("layers.0.mixer.")}
+    assert {"o_proj.weight"} <= mixer_names  # every mixer projects back with fla's o_proj
 
 
 # ---------------------------------------------------------------- training
