@@ -1,4 +1,4 @@
-"""`linear-moe prepare | train | finetune | plot | bench`: thin typed functions over the library.
+"""`linear-moe prepare | train | finetune | plot | convert | bench`: thin typed functions over the library.
 
 Every user-facing failure (bad config key or value, missing or empty data, corrupt or mismatched
 checkpoint, a run directory that would be overwritten) prints one `error: ...` line on stderr and
@@ -91,6 +91,29 @@ def plot(run_dir: str) -> list[Path]:
     return written
 
 
+def convert(
+    checkpoint: str | None = None,
+    to_hf: str | None = None,
+    from_hf: str | None = None,
+    out: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert between checkpoints and Hugging Face directories. `convert CHECKPOINT --to-hf OUT` writes
+    config.json, model.safetensors, the tokenizer and the modeling code, loadable with
+    `transformers.AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`; `convert --from-hf DIR
+    --out CHECKPOINT_DIR` reads such a directory back into a checkpoint. See docs/hf.md."""
+    from .hf import export_hf, import_hf
+
+    if checkpoint and to_hf and not (from_hf or out):
+        written = export_hf(checkpoint, to_hf, overwrite)
+    elif from_hf and out and not (checkpoint or to_hf):
+        written = import_hf(from_hf, out, overwrite)
+    else:
+        raise ValueError("convert needs CHECKPOINT --to-hf OUT or --from-hf DIR --out CHECKPOINT_DIR")
+    print(f"wrote {written}")
+    return written
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -169,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     p.set_defaults(run=lambda a: plot(a.run_dir))
 
+    p = sub.add_parser("convert", help=_summary(convert), description=_doc(convert), formatter_class=fmt)
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint (or run) directory to export")
+    p.add_argument("--to-hf", metavar="OUT", help="Hugging Face directory to write")
+    p.add_argument("--from-hf", metavar="DIR", help="exported Hugging Face directory to import")
+    p.add_argument("--out", metavar="CHECKPOINT_DIR", help="checkpoint directory to write (with --from-hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.set_defaults(run=lambda a: convert(a.checkpoint, a.to_hf, a.from_hf, a.out, a.overwrite))
+
     p = sub.add_parser("bench", help=_summary(bench), description=_doc(bench), formatter_class=fmt)
     add_bench_parsers(p, _Parser)
     p.set_defaults(run=bench)
@@ -214,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot", "bench"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench"]
