@@ -87,8 +87,11 @@ class TokenStream:
 class PackedDataset:
     """Random packed micro-batches from a directory written by `prepare`.
 
-    `get_batch(step, rank, world_size)` is a pure function of (seed, step, rank): rows start at offsets drawn by
-    `np.random.default_rng([seed, step, rank])`. `val` is a PackedDataset over `dir/val` (None without one).
+    `get_batch(step, rank, world_size)` is a pure function of (seed, step, rank): the `world_size * B` rows of
+    global batch `step` start at offsets drawn by `np.random.default_rng([seed, step, 0])`, and rank `r` takes
+    rows `[r * B, (r + 1) * B)`. So `world_size` data-parallel ranks together read exactly the rows one process
+    reads with `micro_batch_size = world_size * B` (and one process reads what it read before ranks existed).
+    `val` is a PackedDataset over `dir/val` (None without one).
     """
 
     def __init__(self, path: str | Path, seq_len: int, micro_batch_size: int, seed: int = 0):
@@ -114,12 +117,13 @@ class PackedDataset:
         return PackedDataset(self.path / "val", self.seq_len, self.micro_batch_size, self.seed)
 
     def get_batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        """Micro-batch `step` of data-parallel rank `rank`: input_ids/labels [1, B*T], cu_seqlens [N+1]."""
+        """Rank `rank`'s share of micro-batch `step`: input_ids/labels [1, B*T], cu_seqlens [N+1]."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank must be in [0, {world_size}); got {rank}")
         T, B = self.seq_len, self.micro_batch_size
-        rng = np.random.default_rng([self.seed, step, rank])
-        offsets_B = rng.integers(0, self.num_tokens - T, size=B)  # last valid offset: num_tokens - T - 1
+        rng = np.random.default_rng([self.seed, step, 0])
+        offsets_WB = rng.integers(0, self.num_tokens - T, size=world_size * B)  # last valid: num_tokens - T - 1
+        offsets_B = offsets_WB[rank * B : (rank + 1) * B]
         ids_BT = np.empty((B, T), dtype=np.int64)
         labels_BT = np.empty((B, T), dtype=np.int64)
         starts = []

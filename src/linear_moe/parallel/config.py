@@ -1,5 +1,8 @@
 """`ParallelConfig`: how a run's processes split the work, and the one place its layout is checked.
 
+Batches do not depend on the layout: `data.micro_batch_size` counts the rows of a micro-batch over all
+data-parallel ranks, and each of the `dp = dp_replicate * dp_shard` ranks reads its `micro_batch_size / dp` of them.
+
 The dimensions multiply to the world size: `dp_replicate * dp_shard * cp * tp * pp == world_size` (`dp_shard=-1`
 takes the ranks left over). Expert parallelism borrows ranks instead of adding them: the experts of a layer are
 split over `ep` ranks taken from the `dp_shard * cp` ranks, which hold different tokens and so have tokens to
@@ -64,9 +67,12 @@ class ParallelConfig:
         return " ".join(f"{d}={getattr(self, d)}" for d in dims) + f" (world {self.world_size})"
 
 
-def check_layout(cfg: ParallelConfig, world_size: int, model: Any, seq_len: int) -> ParallelConfig:
-    """The resolved `cfg` for `world_size` processes, a `ModelConfig` and the sequence length, or a one-line
-    ConfigError naming the dimension that does not fit."""
+def check_layout(
+    cfg: ParallelConfig, world_size: int, model: Any, seq_len: int, micro_batch_size: int = 0
+) -> ParallelConfig:
+    """The resolved `cfg` for `world_size` processes, a `ModelConfig`, the sequence length and the rows of a
+    micro-batch over all data-parallel ranks (0: unchecked), or a one-line ConfigError naming the dimension
+    that does not fit."""
     for name in (*DIMS, "ep", "pp_microbatches"):
         value = getattr(cfg, name)
         if value < (0 if name == "pp_microbatches" else 1) and not (name == "dp_shard" and value == -1):
@@ -96,4 +102,17 @@ def check_layout(cfg: ParallelConfig, world_size: int, model: Any, seq_len: int)
         raise ConfigError(f"parallel.pp={cfg.pp} must divide model.num_layers={model.num_layers}")
     if seq_len % cfg.cp:
         raise ConfigError(f"parallel.cp={cfg.cp} must divide data.seq_len={seq_len}")
+    if micro_batch_size % cfg.dp:
+        raise ConfigError(
+            f"data.micro_batch_size={micro_batch_size} (rows over all data-parallel ranks) must be a multiple of "
+            f"dp_replicate*dp_shard={cfg.dp}"
+        )
     return cfg
+
+
+def run_layout(run: Any) -> ParallelConfig:
+    """The checked layout of a `RunConfig` over the current process group (one process without one)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return check_layout(run.parallel, world, run.model, run.data.seq_len, run.data.micro_batch_size)

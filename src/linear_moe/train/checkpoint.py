@@ -364,6 +364,8 @@ def load_checkpoint(
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if restore_rng_state:
         rng_file = path / f"rng-rank{_rank()}.pt"
+        if not rng_file.is_file() and _rank() > 0:  # a rank the saving layout did not have: rank 0's states
+            rng_file = path / "rng-rank0.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"checkpoint {path}: incomplete or corrupt (missing {rng_file.name})")
         try:

@@ -31,6 +31,7 @@ import yaml
 from ..config import ConfigError, from_dict, merge_overrides, read_yaml, to_dict
 from ..model import ModelConfig, get_preset
 from ..moe import MoEConfig
+from ..parallel.config import ParallelConfig
 
 # choices (tests check them against train.schedule.SCHEDULES and ops.autotune.MODES)
 Schedule = Literal["cosine", "wsd"]
@@ -129,6 +130,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout over torchrun's processes
     preset: str | None = field(default=None, init=False)
 
 

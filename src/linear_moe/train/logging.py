@@ -10,6 +10,7 @@ backends that are missing are skipped with a one-line note.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def note(msg: str) -> None:
-    """A one-line message on stderr that does not break the progress bar."""
-    tqdm.write(msg, file=sys.stderr)
+    """A one-line message on stderr that does not break the progress bar (from rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(msg, file=sys.stderr)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

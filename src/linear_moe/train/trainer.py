@@ -7,7 +7,10 @@ Determinism: the model is initialised from `train.seed`, batches are a pure func
 depend only on its config, and a resumed run continues exactly (bitwise on CPU).
 
 Parallelism stays outside: `linear_moe.parallel.parallelize` applies the run's layout (and activation
-checkpointing and compilation) to the built model.
+checkpointing and compilation) to the built model. Under torchrun the data-parallel ranks read disjoint rows of
+each global batch; each rank's loss is scaled by its share of the global batch's target tokens (and FSDP sums the
+gradients), so every layout follows the same losses as one process reading the whole global batch. Losses, token
+counts and expert loads are summed over the ranks holding different tokens; only rank 0 writes logs.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from ..ops.autotune import limit_autotune
-from ..parallel import ParallelConfig, moe_layers, parallelize
+from ..parallel import ParallelConfig, build_mesh, moe_layers, parallelize
+from ..parallel.config import run_layout
+from ..parallel.grads import clip_grad_norm_
 from . import checkpoint as ckpt
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
@@ -73,7 +79,10 @@ class StepResult:
 
 
 class Trainer:
-    """Train `model` on batches from `data` (and validate on `val_data`) under `cfg` (a RunConfig)."""
+    """Train `model` on batches from `data` (and validate on `val_data`) under `cfg` (a RunConfig).
+
+    Under torchrun, `data` gives each data-parallel rank its rows: built with `data.micro_batch_size / dp` rows,
+    `get_batch(step, dp_rank, dp)` is that rank's block of the step's global micro-batch."""
 
     def __init__(
         self,
@@ -88,17 +97,29 @@ class Trainer:
     ) -> None:
         self.cfg, self.tc = cfg, cfg.train
         self.device = resolve_device(self.tc.device)
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        self.layout: ParallelConfig = run_layout(cfg)
+        if distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.mesh = build_mesh(self.layout, self.device.type) if distributed else None
+        self.rank0 = not distributed or dist.get_rank() == 0
+        self.dp_rank = self.mesh.dp_rank if self.mesh is not None else 0
+        token_mesh = self.mesh["dp_cp"] if self.mesh is not None else None
+        self.token_ranks = token_mesh.size() if token_mesh is not None else 1  # ranks holding different tokens
+        self.token_group = token_mesh.get_group() if self.token_ranks > 1 else None
         self.amp_dtype = autocast_dtype(self.tc.dtype, self.device)
         if self.tc.autotune != "full":  # before the first fla kernel call imports fla's kernel modules
             limit_autotune(self.tc.autotune)
         self.model = parallelize(
             model,
-            ParallelConfig(),
-            None,
+            self.layout,
+            self.mesh,
             device=self.device,
             activation_checkpointing=self.tc.activation_checkpointing,
             checkpoint_experts=self.tc.checkpoint_experts,
             compile=self.tc.compile,
+            param_dtype=self.amp_dtype,
         )
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
         self.data, self.val_data = data, val_data
@@ -107,7 +128,8 @@ class Trainer:
         self.config_yaml = config_yaml
         self.extra_files = extra_files or {}
         self.flops_per_token = flops_per_token
-        self.peak = peak_flops(self.device)
+        peak = peak_flops(self.device)
+        self.peak = peak * world if peak else None  # tokens/s are counted over all ranks
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []  # the logged records (also in metrics.jsonl)
@@ -119,7 +141,11 @@ class Trainer:
         epoch_of = getattr(self.data, "epoch_of", None)
         meta = {
             "tokens_seen": self.tokens_seen,
-            "data": {"step": micro_step, "seed": self.cfg.data.seed, "epoch": epoch_of(micro_step) if epoch_of else 0},
+            "data": {
+                "step": micro_step,
+                "seed": self.cfg.data.seed,
+                "epoch": epoch_of(micro_step, self.layout.dp) if epoch_of else 0,
+            },
         }
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -151,7 +177,13 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> Iterator[Batch]:
         for micro in range(self.tc.grad_accum):
-            yield self.data.get_batch(step * self.tc.grad_accum + micro)
+            yield self.data.get_batch(step * self.tc.grad_accum + micro, self.dp_rank, self.layout.dp)
+
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the ranks holding different tokens (itself in one process)."""
+        if self.token_group is not None:
+            dist.all_reduce(x, group=self.token_group)
+        return x
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer update (gradient accumulation over `grad_accum` micro-batches)."""
@@ -160,7 +192,7 @@ class Trainer:
         # weight each micro-batch's mean CE by its share of target tokens: the update then follows the
         # token-mean loss of the whole step, also when SFT masks make micro-batches uneven
         counts = [int((b.labels != -100).sum()) for b in batches]
-        total = max(1, sum(counts))
+        total = max(1, int(self._sum_over_ranks(torch.tensor(sum(counts), device=self.device))))  # global targets
         lm_sum = torch.zeros((), device=self.device)  # accumulated on the device: one sync per step
         aux_sum = torch.zeros((), device=self.device)
         tokens, load_LE = 0, None
@@ -170,7 +202,7 @@ class Trainer:
                 out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
             lm = out.loss * (count / total) if count else torch.zeros((), device=self.device)  # no targets: no NaN
-            objective = lm + aux / self.tc.grad_accum
+            objective = lm + aux / (self.tc.grad_accum * self.token_ranks)  # the ranks' mean: one process's aux
             if objective.requires_grad:
                 objective.backward()
             if count:
@@ -181,9 +213,15 @@ class Trainer:
                 load = out.expert_load.detach().float()
                 load_LE = load if load_LE is None else load_LE + load
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.token_group is not None:  # one all-reduce: losses, tokens and loads of every rank
+            stats = [lm_sum.view(1), aux_sum.view(1), torch.tensor([float(tokens)], device=self.device)]
+            stats += [load_LE.flatten()] if load_LE is not None else []
+            packed = self._sum_over_ranks(torch.cat([x.double() for x in stats]))  # exact counts beyond 2**24
+            lm_sum, aux_sum, tokens = packed[0], packed[1] / self.token_ranks, int(packed[2])
+            load_LE = packed[3:].float().view_as(load_LE) if load_LE is not None else None
         if load_LE is not None:
             with torch.no_grad():
                 for layer, load_E in zip(moe_layers(self.model), load_LE, strict=True):
@@ -208,15 +246,16 @@ class Trainer:
         if self.val_data is None or self.tc.eval_batches <= 0:
             return None
         self.model.eval()
-        loss_sum, count_sum = 0.0, 0
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss * targets, targets
         for i in range(self.tc.eval_batches):
-            input_ids, labels, cu_seqlens = self._to_device(self.val_data.get_batch(i))
+            input_ids, labels, cu_seqlens = self._to_device(self.val_data.get_batch(i, self.dp_rank, self.layout.dp))
             count = int((labels != -100).sum())
             with self._autocast():
                 out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
-            loss_sum += float(out.loss) * count
-            count_sum += count
+            if count:
+                sums += torch.stack([out.loss.double() * count, sums.new_tensor(count)])
         self.model.train()
+        loss_sum, count_sum = self._sum_over_ranks(sums).tolist()
         return loss_sum / max(1, count_sum)
 
     # ------------------------------------------------------------------ loop
@@ -248,7 +287,7 @@ class Trainer:
 
         Returns a summary: first/last logged train loss, last val loss, steps, seconds, checkpoint path."""
         tc = self.tc
-        logger = RunLogger(
+        logger = (RunLogger if self.rank0 else _SilentLogger)(
             self.run_dir,
             total_steps=tc.steps,
             start_step=self.step,
@@ -300,6 +339,25 @@ class Trainer:
             "seconds": time.perf_counter() - t_start,
             "checkpoint": str(last_ckpt or ckpt.find_latest(self.ckpt_root) or ""),
         }
+
+
+class _SilentLogger:
+    """The logger of ranks other than 0: they compute the same (reduced) records and write nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, step: int, postfix: dict[str, str]) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
