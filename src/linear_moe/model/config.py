@@ -38,6 +38,7 @@ class ModelConfig:
     init_std: float = 0.02
     max_seq_len: int = 2048
     fuse_linear_cross_entropy: bool = True  # fla's fused linear CE on CUDA when fla is installed
+    init_from: str | None = None  # a Hugging Face MoE directory to start from (linear_moe.hf, docs/hf.md)
 
     def __post_init__(self) -> None:
         from linear_moe.mixers import MIXERS
