@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -122,15 +122,15 @@ def localize(module: nn.Module, placements: dict[str, Placement], mesh: DeviceMe
     module.forward = local_forward
 
 
-def _to_replicate_local(mesh: DeviceMesh, x):
-    """A sequence-split activation (DTensor or local `[B, T/tp, D]`) -> the whole local tensor `[B, T, D]`."""
+def _gather_input(mesh: DeviceMesh, local: bool, module, args, kwargs):
+    """The module's first input, split over the sequence (DTensor or local `[B, T/tp, D]`), all-gathered: a
+    replicated DTensor for modules whose column-parallel maps take it (their input gradients then add up as partial
+    sums and are reduce-scattered once), the whole local tensor `[B, T, D]` for the replicated MoE layer."""
+    x = args[0]
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Shard(1)])
-    return x.redistribute(mesh, [Replicate()]).to_local()
-
-
-def _gather_input(mesh: DeviceMesh, module, args, kwargs):
-    return (_to_replicate_local(mesh, args[0]), *args[1:]), kwargs
+    x = x.redistribute(mesh, [Replicate()])
+    return (x.to_local() if local else x, *args[1:]), kwargs
 
 
 def _shard_moe_output(mesh: DeviceMesh, module, args, output):
@@ -144,16 +144,15 @@ def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
     plan = {p: ColwiseParallel() for p in HEAD_PROJECTIONS[name]}
     plan["o_proj"] = RowwiseParallel(output_layouts=Shard(1))
     parallelize_module(mixer, mesh, plan)
-    mixer.register_forward_pre_hook(functools.partial(_gather_input, mesh), with_kwargs=True)
+    mixer.register_forward_pre_hook(functools.partial(_gather_input, mesh, False), with_kwargs=True)
     if name == "LightningAttention":  # per-head decays follow the heads
         decay = mixer.log_decay()
         rank = mesh.get_local_rank()
         mixer.log_decay = lambda device=None: decay.chunk(tp)[rank].to(device)
     if name in HEAD_PARAMS:
         localize(mixer, {p: Shard(0) for p in HEAD_PARAMS[name]}, mesh)
-    for sub in REPLICATED_INPUTS.get(name, ()):
-        # (the column-parallel map after it already sums its input gradient over the ranks)
-        localize(mixer.get_submodule(sub), {"weight": Replicate()}, mesh)
+    for sub in REPLICATED_INPUTS.get(name, ()):  # runs on the replicated DTensor input, as DTensor ops
+        distribute_module(mixer.get_submodule(sub), mesh)
     for m in mixer.modules():
         if isinstance(m, ShortConvolution):
             localize(m, {"weight": Shard(0), "bias": Shard(0)}, mesh)
@@ -173,7 +172,7 @@ def _apply_ffn(block: nn.Module, mesh: DeviceMesh) -> None:
             params = {n: Replicate() for n, p in m.named_parameters(recurse=False)}
             if params:
                 localize(m, params, mesh)
-        block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh), with_kwargs=True)
+        block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, True), with_kwargs=True)
         block.ffn.register_forward_hook(functools.partial(_shard_moe_output, mesh))
         return
     plan = {
@@ -182,7 +181,7 @@ def _apply_ffn(block: nn.Module, mesh: DeviceMesh) -> None:
         "down_proj": RowwiseParallel(output_layouts=Shard(1)),
     }
     parallelize_module(block.ffn, mesh, plan)
-    block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh), with_kwargs=True)
+    block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, False), with_kwargs=True)
 
 
 def apply_tp(model: nn.Module, mesh) -> None:
