@@ -52,6 +52,15 @@ def by_name(doc: dict) -> dict[str, list[dict]]:
     return out
 
 
+def lines_of(doc: dict, names: list[str], shapes: list[tuple[int, int]]) -> dict[str, list[dict]]:
+    """The records by plot line, checking the lines' names (in order) and each line's (batch, seq_len) points."""
+    lines = by_name(doc)
+    assert list(lines) == names
+    for name, records in lines.items():
+        assert [(r["batch"], r["seq_len"]) for r in records] == shapes, name
+    return lines
+
+
 def test_kernel_smoke(capsys, tmp_path):
     doc = run_bench(
         capsys,
@@ -59,11 +68,9 @@ def test_kernel_smoke(capsys, tmp_path):
         *("kernel", "--family", "gla,gated_delta_rule", "--seq-len", "8", "--seq-len", "16", "--tokens", "32"),
         *("--heads", "2", "--key-dim", "8", "--value-dim", "8", "--steps", "2", "--warmup", "1"),
     )
-    names = by_name(doc)
-    assert list(names) == ["gla", "gated_delta_rule", "attention"]  # softmax baseline in the same run
-    for records in names.values():
-        assert [(r["batch"], r["seq_len"]) for r in records] == [(4, 8), (2, 16)]  # B = tokens // T
-        assert all(r["tokens"] == r["batch"] * r["seq_len"] * r["steps"] == 64 for r in records)
+    # softmax baseline in the same run; B = tokens // T
+    lines = lines_of(doc, ["gla", "gated_delta_rule", "attention"], [(4, 8), (2, 16)])
+    assert all(r["tokens"] == r["batch"] * r["seq_len"] * r["steps"] == 64 for rs in lines.values() for r in rs)
 
 
 @pytest.mark.parametrize("family", ["simple_gla", "delta_rule", "linear_attn", "hgrn", "rwkv6", "rwkv7"])
@@ -86,11 +93,8 @@ def test_layer_smoke(capsys, tmp_path):
         *("layer", "--preset", "debug-dense", "--mixer", "gla", "--seq-len", "8,16", "--tokens", "16"),
         *("--steps", "2", "--warmup", "0"),
     )
-    names = by_name(doc)
-    assert list(names) == ["gla", "attention"]
-    for records in names.values():
-        assert [(r["batch"], r["seq_len"]) for r in records] == [(2, 8), (1, 16)]
-        assert all(r["tokens"] == r["batch"] * r["seq_len"] * 2 for r in records)
+    lines = lines_of(doc, ["gla", "attention"], [(2, 8), (1, 16)])
+    assert all(r["tokens"] == r["batch"] * r["seq_len"] * 2 for rs in lines.values() for r in rs)
 
 
 def test_model_smoke_keeps_its_flags(capsys, tmp_path):
@@ -136,14 +140,11 @@ def test_decode_smoke_linear_state_is_constant(capsys, tmp_path):
         *("decode", "--preset", "debug-dense", "--vocab", "128", "--mixer", "gla", "--context", "8,24"),
         *("--prefill-chunk", "16", "--batch", "2", "--steps", "3", "--warmup", "1"),
     )
-    names = by_name(doc)
-    assert list(names) == ["gla", "attention"]
-    for records in names.values():
-        assert [r["seq_len"] for r in records] == [8, 24]
-        for r in records:
-            assert r["tokens"] == 2 * 3  # B tokens per step
-            assert r["extra"]["ms_per_token"] == pytest.approx(1e3 * r["seconds"] / r["steps"], rel=1e-12)
-    gla, attn = ([r["extra"]["state_MiB"] for r in names[n]] for n in ("gla", "attention"))
+    lines = lines_of(doc, ["gla", "attention"], [(2, 8), (2, 24)])
+    for r in doc["records"]:
+        assert r["tokens"] == 2 * 3  # B tokens per step
+        assert r["extra"]["ms_per_token"] == pytest.approx(1e3 * r["seconds"] / r["steps"], rel=1e-12)
+    gla, attn = ([r["extra"]["state_MiB"] for r in lines[n]] for n in ("gla", "attention"))
     assert gla[0] == gla[1] > 0  # a linear mixer's state does not grow with the context
     assert attn[1] > attn[0] > 0  # the KV cache does
 
@@ -158,14 +159,11 @@ def test_peers_smoke(capsys, tmp_path):
         *("peers", "--preset", "debug-qwen2-moe", "--vocab", "256", "--seq-len", "8,16", "--tokens", "16"),
         *("--steps", "2", "--warmup", "0"),
     )
-    names = by_name(doc)
     ours = "ours debug-qwen2-moe gla"
     has_hf = find_spec("transformers") is not None
-    assert list(names) == [ours] + (["hf-qwen2-moe"] if has_hf else [])
+    names = lines_of(doc, [ours] + (["hf-qwen2-moe"] if has_hf else []), [(2, 8), (1, 16)])
     skipped = doc["summary"].get("skipped", {})
     assert "fla-gla" in skipped and ("hf-qwen2-moe" in skipped) == (not has_hf)
-    for name, records in names.items():
-        assert [(r["batch"], r["seq_len"]) for r in records] == [(2, 8), (1, 16)], name
     expected = {
         f"hf-qwen2-moe T={t}": {"tokens_per_s": mine["tokens_per_s"] / peer["tokens_per_s"]}
         for t, mine, peer in zip((8, 16), names[ours], names.get("hf-qwen2-moe", []), strict=False)
