@@ -17,6 +17,7 @@ from linear_moe.bench.report import Record, Report
 from linear_moe.bench.timer import resolve_device
 from linear_moe.moe import MoELayer, moe_preset
 from linear_moe.moe.experts import GroupedExperts
+from linear_moe.ops.autotune import limit_autotune
 
 
 def experts_step(E: int, k: int, D: int, F: int, T: int, backend: str, device, dtype) -> Callable[[], None]:
@@ -46,6 +47,7 @@ def layer_step(E: int, k: int, D: int, F: int, T: int, backend: str, device, dty
 
 def run(args: argparse.Namespace) -> Report:
     device = resolve_device(args.device)
+    limit_autotune(args.autotune)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     E, k, D, F, T = args.experts, args.top_k, args.hidden, args.ffn, args.tokens
     report = Report("moe", args.out, vars(args))

@@ -49,7 +49,7 @@ def _list(p: argparse.ArgumentParser, flag: str, kind, default: list, help: str)
     )
 
 
-def _common(p: argparse.ArgumentParser, steps: int, warmup: int, autotune: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke test (wall clock, no memory)")
     p.add_argument("--steps", type=int, default=steps, help=f"timed calls per measurement (default {steps})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"untimed calls first (default {warmup})")
@@ -57,14 +57,13 @@ def _common(p: argparse.ArgumentParser, steps: int, warmup: int, autotune: bool 
         "--out", default="bench-results", help="directory for MODE.json and MODE.png (default bench-results)"
     )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    if autotune:
-        p.add_argument(
-            "--autotune",
-            choices=AUTOTUNE_MODES,
-            default="full",
-            help="Triton configs fla's autotuners try: full (fla's lists), few (three) or one; a cold full autotune "
-            "of the A0.3B-2B step takes minutes",
-        )
+    p.add_argument(
+        "--autotune",
+        choices=AUTOTUNE_MODES,
+        default="full",
+        help="Triton configs fla's autotuners try: full (fla's lists), few (three) or one; a cold full autotune "
+        "of the A0.3B-2B step takes minutes",
+    )
 
 
 def _model_options(p: argparse.ArgumentParser, vocab: int | None) -> None:
@@ -133,7 +132,7 @@ def _moe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, default=896, help="expert FFN width F (default 896)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens per call (default 65536)")
     p.add_argument("--backend", default="auto", choices=["auto", "grouped_mm", "bmm"], help="grouped matmul")
-    _common(p, steps=10, warmup=3, autotune=False)
+    _common(p, steps=10, warmup=3)
 
 
 def _decode(p: argparse.ArgumentParser) -> None:
