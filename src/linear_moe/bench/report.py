@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +114,18 @@ def _jsonable(v: Any) -> bool:
 
 
 def environment() -> dict[str, str]:
-    """Where the figures come from: torch, Python and the GPU (or CPU)."""
-    env = {"torch": torch.__version__, "python": platform.python_version()}
+    """Where the figures come from: the GPU (or CPU), Python and the versions of the packages that run kernels."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version(), "torch": torch.__version__}
     env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    for package in ("fla-core", "transformers"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    if "triton" in sys.modules:  # imported by limit_autotune; the carried Triton has no reliable metadata
+        env["triton"] = sys.modules["triton"].__version__
     return env
 
 
