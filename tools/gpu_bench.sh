@@ -5,8 +5,8 @@
 #   bash tools/gpu_bench.sh --suite [PART ...]   the issue-15 suite, PARTs in order (default: model peers, ~7-9 min):
 #     model   A0.3B-2B training step of gla, gated_deltanet, lightning_attn and softmax attention at 2K/16K/32K/64K
 #             tokens per sequence, 65,536 tokens a step (32x2048, 4x16384, 2x32768, 1x65536), one process per mixer
-#             (SUITE_TIMEOUT s each, default 100), merged by `linear-moe bench report` into $OUT/model/model.{json,png}
-#     peers   our A0.3B-2B GLA beside Hugging Face Qwen2-MoE and fla's dense GLA at 2K and 16K ($OUT/peers/, 150 s)
+#             (SUITE_TIMEOUT s each, default 95), merged by `linear-moe bench report` into $OUT/model/model.{json,png}
+#     peers   our A0.3B-2B GLA beside Hugging Face Qwen2-MoE and fla's dense GLA at 2K and 16K ($OUT/peers/, 140 s)
 #     layer   one mixer layer fwd+bwd of the same mixers at 2K-64K ($OUT/layer/, 150 s)
 #     kernel  chunk_gla, chunk_simple_gla, chunk_gated_delta_rule vs causal SDPA at 2K-64K ($OUT/kernel/, 120 s)
 #     decode  per-token latency and memory after 2K/16K/64K tokens of context ($OUT/decode/, 180 s)
@@ -40,11 +40,11 @@ if [ "${1:-}" = --suite ]; then
       case $p in
         model)
           for m in "${mixers[@]}"; do
-            bench "model_$m" "${SUITE_TIMEOUT:-100}" model --preset A0.3B-2B --vocab 32000 --mixer "$m" \
+            bench "model_$m" "${SUITE_TIMEOUT:-95}" model --preset A0.3B-2B --vocab 32000 --mixer "$m" \
               --shape 32x2048 --shape 4x16384 --shape 2x32768 --shape 1x65536 --steps 3 --warmup 2
           done
           python3 -m linear_moe bench report "$OUT"/model_*/model.json --out "$OUT/model" ;;
-        peers) bench peers 150 peers --preset A0.3B-2B --vocab 32000 --mixer gla --seq-len 2048,16384 --steps 3 --warmup 2 ;;
+        peers) bench peers 140 peers --preset A0.3B-2B --vocab 32000 --mixer gla --seq-len 2048,16384 --steps 3 --warmup 2 ;;
         layer) bench layer 150 layer --preset A0.3B-2B --mixer "$(IFS=,; echo "${mixers[*]}")" --seq-len "$lens" --steps 5 ;;
         kernel) bench kernel 120 kernel --family gla,simple_gla,gated_delta_rule --seq-len "$lens" --steps 5 ;;
         decode) bench decode 180 decode --preset A0.3B-2B --vocab 32000 --mixer "$(IFS=,; echo "${mixers[*]}")" \
