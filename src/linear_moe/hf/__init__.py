@@ -13,15 +13,24 @@ Only the loading side (`AutoModelForCausalLM.from_pretrained(out, trust_remote_c
 from __future__ import annotations
 
 from linear_moe.hf.convert import HFError, export_hf, import_hf, load_checkpoint_model
-from linear_moe.hf.linearise import ARCHITECTURES, InitReport, linearise, model_config_from_hf
+from linear_moe.hf.linearise import (
+    ARCHITECTURES,
+    InitReport,
+    check_vocab,
+    linearise,
+    model_config_from_hf,
+    run_config_from_hf,
+)
 
 __all__ = [
     "ARCHITECTURES",
     "HFError",
     "InitReport",
+    "check_vocab",
     "export_hf",
     "import_hf",
     "linearise",
     "load_checkpoint_model",
     "model_config_from_hf",
+    "run_config_from_hf",
 ]

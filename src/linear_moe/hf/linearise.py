@@ -176,7 +176,10 @@ def model_config_from_hf(hf_dir: str | Path, base: ModelConfig) -> ModelConfig:
             f"{hf_dir}: head_dim={head_dim} differs from hidden_size / num_heads, which the softmax layers of a "
             "hybrid stack (layer_pattern with N) do not support; use model.mixer=attention or a pattern without N"
         )
-    return base.replace(**fields, mixer_kwargs=kwargs)
+    try:
+        return base.replace(**fields, mixer_kwargs=kwargs)
+    except ValueError as e:  # e.g. a layer_pattern that does not tile the pretrained model's layers
+        raise HFError(f"model.init_from={hf_dir}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -325,3 +328,33 @@ def linearise(model: nn.Module, hf_dir: str | Path) -> InitReport:
     report.initialised = sorted(set(own) - set(targets) - tied)
     report.unused = sorted(set(plan.weights) - plan.used)
     return report
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+
+def run_config_from_hf(cfg: Any) -> Any:
+    """A `RunConfig` whose `model.init_from` names a HF directory, with the model's architecture read from it
+    (`model_config_from_hf`) and, when the data is still to be prepared without a tokenizer, the directory's
+    tokenizer.json as `data.tokenizer`. Without `init_from`: `cfg` unchanged."""
+    import dataclasses
+
+    src = cfg.model.init_from
+    if not src:
+        return cfg
+    data = cfg.data
+    tokenizer = Path(src) / "tokenizer.json"
+    if data.tokenizer is None and data.path is None and tokenizer.is_file():
+        data = dataclasses.replace(data, tokenizer=str(tokenizer))
+    new = dataclasses.replace(cfg, model=model_config_from_hf(src, cfg.model), data=data)
+    new.preset = cfg.preset
+    return new
+
+
+def check_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> None:
+    """The data's tokenizer must fit the pretrained model's vocabulary (its ids index the embeddings)."""
+    if tokenizer_vocab > cfg.vocab_size:
+        raise HFError(
+            f"the data's tokenizer has {tokenizer_vocab} tokens but {cfg.init_from} has a vocabulary of "
+            f"{cfg.vocab_size}; prepare the data with the model's tokenizer (data.tokenizer=DIR/tokenizer.json)"
+        )

@@ -95,12 +95,18 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     return path
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    """The model of `cfg`, initialised from train.seed."""
+def build_model(cfg: RunConfig, fresh: bool = True) -> torch.nn.Module:
+    """The model of `cfg`, initialised from train.seed; a fresh run with model.init_from then copies / maps the
+    weights of that Hugging Face MoE (docs/hf.md)."""
     from ..model import LinearMoEForCausalLM
 
     torch.manual_seed(cfg.train.seed)
-    return LinearMoEForCausalLM(cfg.model)
+    model = LinearMoEForCausalLM(cfg.model)
+    if cfg.model.init_from and fresh:
+        from ..hf import linearise
+
+        note(linearise(model, cfg.model.init_from).summary())
+    return model
 
 
 def describe(cfg: RunConfig, n_tokens: int) -> str:
@@ -137,7 +143,7 @@ def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path:
     config_yaml = run_config_yaml(cfg)
     trainer = Trainer(
         cfg,
-        build_model(cfg),
+        build_model(cfg, fresh=resume_from is None),
         ds,
         ds.val,
         config_yaml=config_yaml,
@@ -204,6 +210,10 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
     from ..data import PackedDataset
 
     cfg = load_run_config(config, overrides)
+    if cfg.model.init_from:  # the architecture comes from a pretrained Hugging Face MoE (docs/hf.md)
+        from ..hf import run_config_from_hf
+
+        cfg = run_config_from_hf(cfg)
     resume_from = resolve_resume(cfg)
     data_dir = ensure_dataset(cfg)
     ds = PackedDataset(data_dir, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.seed)
@@ -219,7 +229,13 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
 
 
 def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
-    """model.vocab_size always follows the data's tokenizer."""
+    """model.vocab_size follows the data's tokenizer (a model started from model.init_from keeps its vocabulary,
+    which must hold the tokenizer's ids)."""
+    if cfg.model.init_from:
+        from ..hf import check_vocab
+
+        check_vocab(cfg.model, vocab_size)
+        return cfg
     new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     new.preset = cfg.preset
     return new
@@ -244,7 +260,7 @@ def load_finetune_config(config: str | None, from_checkpoint: str, overrides: li
     raw = _read_yaml(config) if config is not None else {}
     if raw.get("model") or any(o.split("=", 1)[0].startswith("model.") for o in overrides):
         raise ConfigError(f"finetune takes the model from the checkpoint {source}; remove the model settings")
-    raw["model"] = stored.get("model", {})
+    raw["model"] = {**stored.get("model", {}), "init_from": None}  # the weights come from the checkpoint
     cfg = build_run_config(raw, overrides)
     cfg.finetune.from_checkpoint = str(source)
     return cfg
