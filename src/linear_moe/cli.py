@@ -114,6 +114,82 @@ def convert(
     return written
 
 
+# ---------------------------------------------------------------------------------------------- inference
+
+
+def generate(
+    checkpoint: str,
+    prompt: list[str] | None = None,
+    prompts_file: str | None = None,
+    chat: bool = False,
+    max_new_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    eos: bool = True,
+    seed: int = 0,
+    max_seq_len: int | None = None,
+    prefill_chunk: int = 2048,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer: str | None = None,
+) -> Any:
+    """Continue prompts with a trained model. CHECKPOINT is a checkpoint directory (or a run directory: its newest
+    checkpoint). Prompts come from --prompt (repeatable), --prompts-file (one per line; - reads stdin) or stdin;
+    one prompt streams to the terminal, several run as one batch. Ends with a tokens/s and memory line on stderr.
+    See docs/generation.md."""
+    from .generate.command import generation_config, read_prompts, run_generate
+
+    config = generation_config(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, eos, seed, max_seq_len, prefill_chunk
+    )
+    return run_generate(checkpoint, read_prompts(prompt, prompts_file), config, device, dtype, tokenizer, chat)
+
+
+def _add_inference_parsers(sub, fmt) -> None:
+    p = sub.add_parser("generate", help=_summary(generate), description=_doc(generate), formatter_class=fmt)
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", default=None, help="a file with one prompt per line (- = stdin)")
+    p.add_argument("--chat", action="store_true", help="render each prompt as a user turn (finetuned models)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all; default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (default 1.0 = off)")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable); the text ends before it")
+    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not stop at the end-of-text token")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV-cache slots of softmax layers (default: fit)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step (default 2048)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
+    p.set_defaults(
+        run=lambda a: generate(
+            a.checkpoint,
+            a.prompt,
+            a.prompts_file,
+            a.chat,
+            a.max_new_tokens,
+            a.temperature,
+            a.top_k,
+            a.top_p,
+            a.repetition_penalty,
+            a.stop,
+            a.eos,
+            a.seed,
+            a.max_seq_len,
+            a.prefill_chunk,
+            a.device,
+            a.dtype,
+            a.tokenizer,
+        )
+    )
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -203,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=_summary(bench), description=_doc(bench), formatter_class=fmt)
     add_bench_parsers(p, _Parser)
     p.set_defaults(run=bench)
+    _add_inference_parsers(sub, fmt)
     return parser
 
 
@@ -245,4 +322,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate"]

@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.layers.norm import RMSNorm
-from linear_moe.mixers.base import Mixer, MixerContext, MixerState
+from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec
 from linear_moe.mixers.rotary import RotaryEmbedding
 from linear_moe.ops import varlen
-from linear_moe.ops.checks import check_varlen
 
 
 class Attention(Mixer):
@@ -25,9 +24,11 @@ class Attention(Mixer):
         qk_norm (False): RMSNorm over the head dim of q and k (`q_norm`, `k_norm`) before RoPE.
         rope_theta (10000.0; None disables RoPE), rotary_dim (None -> head_dim): RoPE base and rotated channels.
         norm_eps (1e-6): eps of the qk norms.
-    State (KV cache, after RoPE): `k`, `v` [B, Hkv, S, D]; plus `valid` [B, S] bool when rows hold different
-    numbers of tokens (packed prefill of unequal documents): invalid slots are masked out and not counted
-    as positions. With cu_seqlens every document attends only to itself and RoPE restarts per document.
+    State (KV cache, after RoPE): `k`, `v` [B, Hkv, S, D] and `valid` [B, S] bool. Row b's tokens fill slots
+    0..L_b-1 (`valid`), so rows may hold different numbers of tokens (packed prefill of unequal documents); the
+    next tokens are written in place at slot L_b and see only valid slots. `init_state(B, max_seq_len=S)`
+    preallocates S slots, so decoding never reallocates. With cu_seqlens every document attends only to itself
+    and RoPE restarts per document.
     """
 
     def __init__(
@@ -70,107 +71,153 @@ class Attention(Mixer):
             self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.rotary = RotaryEmbedding(rotary_dim, rope_theta) if rope_theta is not None else None
 
-    def forward(
+    kv_cache = True  # the state grows with the context: a KV cache of `max_seq_len` slots (generation sizes it)
+
+    def state_spec(self, max_seq_len: int = 0) -> dict[str, StateSpec]:
+        """`k`, `v` [Hkv, S, D] in the compute dtype and `valid` [S] (bool) for a cache of S = `max_seq_len` slots."""
+        kv = StateSpec((self.num_kv_heads, max_seq_len, self.head_dim), None)
+        return {"k": kv, "v": kv, "valid": StateSpec((max_seq_len,), torch.bool)}
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_seq_len: int | None = None,
+    ) -> MixerState:
+        """An empty KV cache of `max_seq_len` slots per row (no valid slot: equivalent to `state=None`)."""
+        if max_seq_len is None or max_seq_len < 1:
+            raise ValueError(f"Attention.init_state: max_seq_len must be a positive number of slots, got {max_seq_len}")
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        return {
+            key: torch.zeros(batch_size, *spec.shape, dtype=spec.dtype or dtype, device=device)
+            for key, spec in self.state_spec(max_seq_len).items()
+        }
+
+    def check_call(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> None:
+        super().check_call(x, None, cu_seqlens)
+        self._check_state(x, state, cu_seqlens)
+
+    def mix(
         self,
         x: torch.Tensor,
-        state: MixerState | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        use_cache: bool = False,
+        state: MixerState | None,
+        cu_seqlens: torch.Tensor | None,
+        keep: bool,
         context: MixerContext | None = None,
-    ) -> tuple[torch.Tensor, MixerState | None]:
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"Attention: expected hidden states [B, T, {self.hidden_size}], got shape {tuple(x.shape)}")
-        check_varlen("Attention", x, cu_seqlens)
-        self._check_state(x, state, cu_seqlens)
+    ) -> tuple[torch.Tensor, MixerState]:
         q_BTHD = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k_BTGD = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v_BTGD = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.qk_norm:
             q_BTHD, k_BTGD = self.q_norm(q_BTHD), self.k_norm(k_BTGD)
-        new_valid_BT = None
+        lens_B = None
         if cu_seqlens is not None:  # packed documents -> zero-padded batch [N, T_max, ...]
-            lens_N = varlen.seq_lens(cu_seqlens)
+            lens_B = varlen.seq_lens(cu_seqlens)
             q_BTHD, k_BTGD, v_BTGD = (varlen.pad(t, cu_seqlens) for t in (q_BTHD, k_BTGD, v_BTGD))
-            new_valid_BT = torch.arange(q_BTHD.shape[1], device=x.device) < lens_N[:, None]
         B, T = q_BTHD.shape[:2]
+        if lens_B is None:
+            lens_B = torch.full((B,), T, dtype=torch.long, device=x.device)
+        offset_B = state["valid"].sum(-1) if state is not None else torch.zeros_like(lens_B)
         if self.rotary is not None:
-            offset_B = self._cache_lengths(state, B, x.device)
             pos_BT = offset_B[:, None] + torch.arange(T, device=x.device)
             q_BTHD, k_BTGD = self.rotary(q_BTHD, pos_BT), self.rotary(k_BTGD, pos_BT)
         q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTGD, v_BTGD))  # [B, H|Hkv, T, D]
-        mask = None
-        if state is not None:
-            k, v = torch.cat([state["k"].to(k.dtype), k], dim=2), torch.cat([state["v"].to(v.dtype), v], dim=2)
-            if T > 1 or "valid" in state:  # one new token with a full cache sees everything: no mask needed
-                mask = self._cache_mask(state, T, x.device)
-        o_BHTD = self._attend(q, k, v, mask)
+        if state is None:  # fresh sequences: the causal fast path (flash kernels on GPU)
+            o_BHTD = self._attend(q, k, v, None)
+            new = {} if not keep else self._fresh_cache(k, v, lens_B)
+        else:
+            new = self._write(state, k, v, offset_B, lens_B)
+            k_all, v_all, mask_BTS = self._visible(new, offset_B, lens_B, T)
+            o_BHTD = self._attend(q, k_all.to(q.dtype), v_all.to(q.dtype), mask_BTS)
         o_BTHD = o_BHTD.transpose(1, 2)
         if cu_seqlens is not None:
             o_BTHD = varlen.unpad(o_BTHD, cu_seqlens)
-        y = self.o_proj(o_BTHD.flatten(-2))
-        if not (use_cache or state is not None):
-            return y, None
-        return y, self._new_state(state, k, v, new_valid_BT)
+        return self.o_proj(o_BTHD.flatten(-2)), new
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         gqa = self.num_kv_heads != self.num_heads
-        if mask is None:  # fresh sequence: the causal fast path (flash kernels on GPU)
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
 
     @staticmethod
-    def _cache_lengths(state: MixerState | None, batch: int, device: torch.device) -> torch.Tensor:
-        """Number of cached tokens per row `[B]` (the position of the first new token)."""
-        if state is None:
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        if "valid" in state:
-            return state["valid"].sum(-1)
-        return torch.full((batch,), state["k"].shape[2], dtype=torch.long, device=device)
+    def _fresh_cache(k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, lens_B: torch.Tensor) -> MixerState:
+        """The cache after a fresh forward: exactly T slots, row b's first lens_B[b] valid."""
+        valid_BT = torch.arange(k_BGTD.shape[2], device=k_BGTD.device) < lens_B[:, None]
+        return {"k": k_BGTD.contiguous(), "v": v_BGTD.contiguous(), "valid": valid_BT}
 
     @staticmethod
-    def _cache_mask(state: MixerState, T: int, device: torch.device) -> torch.Tensor:
-        """Boolean mask [B, T, S+T]: every valid cached key, then causal over the new keys. Padded new keys at the
-        end of a row are only visible to padded queries (which are dropped), so every query row sees itself."""
-        B, S = state["k"].shape[0], state["k"].shape[2]
-        cache_BS = state["valid"] if "valid" in state else torch.ones(B, S, dtype=torch.bool, device=device)
-        causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        return torch.cat([cache_BS[:, None, :].expand(B, T, S), causal_TT.expand(B, T, T)], dim=-1)
+    def _write(state: MixerState, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, offset_B, lens_B) -> MixerState:
+        """Write the new keys and values of row b into slots offset_B[b] + t, in place: the returned cache shares
+        the given tensors (a state continued twice must be cloned first). Row b's valid slots stay 0..len-1.
+
+        A cache too small for the new tokens (one from a `state=None` forward, which has exactly the slots it
+        needed) is reallocated with twice the slots; generation preallocates with `init_state(max_seq_len)` and
+        checks up front that the prompt fits. Under torch.compile / CUDA-graph capture nothing is checked (no host
+        sync): the caller guarantees the room."""
+        T, S = k_BGTD.shape[2], state["k"].shape[2]
+        if not _static_capture():
+            need = int((offset_B + T).max())  # padded entries of packed rows are written too (beyond valid)
+            if need > S:
+                state = _grow(state, max(need, 2 * S))
+        kc, vc, valid = state["k"], state["v"], state["valid"]
+        slot_BT = offset_B[:, None] + torch.arange(T, device=k_BGTD.device)
+        idx = slot_BT[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])
+        kc.scatter_(2, idx, k_BGTD.to(kc.dtype))
+        vc.scatter_(2, idx, v_BGTD.to(vc.dtype))
+        valid.copy_(torch.arange(valid.shape[1], device=valid.device) < (offset_B + lens_B)[:, None])
+        return {"k": kc, "v": vc, "valid": valid}
 
     @staticmethod
-    def _new_state(
-        state: MixerState | None, k: torch.Tensor, v: torch.Tensor, new_valid_BT: torch.Tensor | None
-    ) -> MixerState:
-        new: MixerState = {"k": k, "v": v}
-        B, S_new = k.shape[0], k.shape[2]
-        if new_valid_BT is not None and bool(new_valid_BT.all()):
-            new_valid_BT = None
-        if (state is None or "valid" not in state) and new_valid_BT is None:
-            return new
-        T = S_new - (0 if state is None else state["k"].shape[2])
-        old = (
-            []
-            if state is None
-            else [
-                state["valid"]
-                if "valid" in state
-                else torch.ones(B, state["k"].shape[2], dtype=torch.bool, device=k.device)
-            ]
-        )
-        fresh = new_valid_BT if new_valid_BT is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
-        new["valid"] = torch.cat(old + [fresh], dim=-1)
-        return new
+    def _visible(cache: MixerState, offset_B, lens_B, T: int):
+        """Keys, values and the mask [B, T, S]: query t of row b (position offset + t) sees slots s <= its position
+        that hold a token of its row (padded queries of packed rows see their row's tokens, and are dropped).
+        Outside graph capture the slots beyond the longest row are not read."""
+        kc, vc = cache["k"], cache["v"]
+        end_B = offset_B + lens_B
+        if not _static_capture():
+            used = int(end_B.max())
+            kc, vc = kc[:, :, :used], vc[:, :, :used]
+        last_BT = torch.minimum(offset_B[:, None] + torch.arange(T, device=kc.device), end_B[:, None] - 1)
+        mask_BTS = torch.arange(kc.shape[2], device=kc.device) <= last_BT[..., None]
+        return kc, vc, mask_BTS
 
     def _check_state(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> None:
         if state is None:
             return
-        if "k" not in state or "v" not in state:
-            raise ValueError(f"Attention: state must hold 'k' and 'v' [B, Hkv, S, D], got keys {list(state)}")
+        if any(key not in state for key in ("k", "v", "valid")):
+            raise ValueError(
+                f"Attention: state must hold 'k', 'v' [B, Hkv, S, D] and 'valid' [B, S], got keys {list(state)}"
+            )
         n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-        want = (n, self.num_kv_heads, state["k"].shape[2], self.head_dim)
-        for key in ("k", "v"):
-            if tuple(state[key].shape) != want:
-                raise ValueError(f"Attention: state[{key!r}] has shape {tuple(state[key].shape)}, expected {want}")
+        S = state["k"].shape[2] if state["k"].dim() == 4 else -1
+        for key, spec in self.state_spec(S).items():
+            if tuple(state[key].shape) != (n, *spec.shape):
+                raise ValueError(
+                    f"Attention: state[{key!r}] has shape {tuple(state[key].shape)}, expected {(n, *spec.shape)}"
+                )
 
     def sequence_flops(self, seq_len: int) -> float:
         # Causal q.k^T and p.v: on average (seq_len + 1) / 2 keys per query, 2 FLOPs per multiply-add each.
         return 2 * 2 * self.num_heads * self.head_dim * (seq_len + 1) / 2
+
+
+def _static_capture() -> bool:
+    """Inside torch.compile tracing or CUDA-graph capture, where host syncs (growth checks, slicing) are not allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _grow(state: MixerState, slots: int) -> MixerState:
+    """A copy of the cache with `slots` slots per row (new slots empty)."""
+    kc, valid = state["k"], state["valid"]
+    B, G, S, D = kc.shape
+    out = {key: state[key].new_zeros(B, G, slots, D) for key in ("k", "v")}
+    out["valid"] = valid.new_zeros(B, slots)
+    for key in ("k", "v"):
+        out[key][:, :, :S] = state[key]
+    out["valid"][:, :S] = valid
+    return out

@@ -1,0 +1,79 @@
+"""Per-layer decoding states as a batch: allocate, pick rows, put rows back, join batches, measure.
+
+`states` is what the model takes and returns: one `dict[str, Tensor]` per layer (None: that layer starts fresh),
+every tensor with the row (sequence) dimension first. Rows are independent, so a batch of sequences can be split,
+joined and reordered freely between decode steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+States = list[dict[str, torch.Tensor] | None]
+
+
+def mixers(model: nn.Module) -> list[nn.Module]:
+    """The token mixer of every layer, in order."""
+    return [block.mixer for block in model.layers]
+
+
+def has_kv_cache(model: nn.Module) -> bool:
+    """Whether any layer keeps a KV cache (softmax attention), whose size is fixed by `max_seq_len`."""
+    return any(getattr(m, "kv_cache", False) for m in mixers(model))
+
+
+def init_states(
+    model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype, max_seq_len: int
+) -> States:
+    """Zero states of `batch_size` rows for every layer (KV caches of `max_seq_len` slots); a layer whose mixer
+    cannot preallocate gets None (it starts fresh and returns its state from the first forward)."""
+    out: States = []
+    for m in mixers(model):
+        init = getattr(m, "init_state", None)
+        if init is None:
+            out.append(None)
+            continue
+        kwargs = {"max_seq_len": max_seq_len} if "max_seq_len" in inspect.signature(init).parameters else {}
+        try:
+            out.append(init(batch_size, device=device, dtype=dtype, **kwargs))
+        except NotImplementedError:
+            out.append(None)
+    return out
+
+
+def select_rows(states: States, rows: torch.Tensor) -> States:
+    """The rows `rows` ([N] int64) of every state tensor."""
+    return [None if s is None else {k: t.index_select(0, rows) for k, t in s.items()} for s in states]
+
+
+def put_rows(states: States, rows: torch.Tensor, part: States) -> States:
+    """`states` with rows `rows` replaced by `part` (in place where possible; a None layer takes `part`'s)."""
+    out: States = []
+    for s, p in zip(states, part, strict=True):
+        if s is None or p is None:
+            if p is not None and s is None:
+                raise ValueError("put_rows: a fresh (None) layer state cannot take some rows; prefill all rows first")
+            out.append(s)
+            continue
+        for k, t in s.items():
+            t.index_copy_(0, rows, p[k].to(t.dtype))
+        out.append(s)
+    return out
+
+
+def join_rows(a: States, b: States) -> States:
+    """The batch of `a`'s rows followed by `b`'s."""
+    return [None if x is None else {k: torch.cat([x[k], y[k]]) for k in x} for x, y in zip(a, b, strict=True)]
+
+
+def state_bytes(states: States | None) -> int:
+    """Bytes held by all state tensors."""
+    return sum(t.numel() * t.element_size() for s in states or [] if s is not None for t in s.values())
+
+
+def state_shapes(states: States) -> list[dict[str, tuple[int, ...]] | None]:
+    """The shape of every state tensor (what stays constant while a linear model decodes)."""
+    return [None if s is None else {k: tuple(t.shape) for k, t in s.items()} for s in states]
