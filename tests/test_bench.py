@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from linear_moe.bench.report import Record, Report
+from linear_moe.bench.report import Record, Report, format_pivot
 from linear_moe.bench.timer import Timing, time_calls
 from linear_moe.cli import build_parser, main
 from linear_moe.model.flops import flops_per_token
@@ -206,6 +206,20 @@ def test_record_and_timer_count_what_they_time():
     r = Record.measured("layer", "gla", 8, 2048, 8 * 2048, Timing(2.0, 4, None))
     assert (r.tokens, r.steps, r.tokens_per_s, r.ms_per_step) == (65536, 4, 32768.0, 500.0)
     assert r.shape == "8x2048"
+
+
+def test_pivot_table_has_a_row_per_line_and_a_column_per_length():
+    records = [
+        Record.measured("model", "gla", 32, 2048, 65536, Timing(0.5, 2, 93.2)),  # 65,536 x 2 tokens in 0.5 s
+        Record.measured("model", "gla", 4, 16384, 65536, Timing(1.0, 2, 90.0)),
+        Record("model", "attention", 1, 16384, error="out of memory"),
+    ]
+    assert format_pivot(records).splitlines() == [
+        "|  | 2K tokens/s | 16K tokens/s | peak GiB |",
+        "|---|---|---|---|",
+        "| gla | 262.1k | 131.1k | 93.2 |",
+        "| attention |  | OOM | - |",
+    ]
 
 
 @pytest.mark.parametrize(

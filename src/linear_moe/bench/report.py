@@ -105,6 +105,29 @@ def format_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def _seq_label(t: int) -> str:
+    return f"{t // 1024}K" if t % 1024 == 0 else str(t)
+
+
+def format_pivot(records: list[Record]) -> str:
+    """A Markdown table as in docs/benchmarks.md: one row per line (`Record.label`), one column of tokens/s per
+    sequence length, then the largest peak memory of the row ("OOM" where a shape ran out of memory)."""
+    seq_lens = sorted({r.seq_len for r in records})
+    rows: dict[str, dict[int, Record]] = {}
+    for r in records:
+        rows.setdefault(r.label, {})[r.seq_len] = r
+    head = ["", *(f"{_seq_label(t)} tokens/s" for t in seq_lens), "peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by_len in rows.items():
+        cells = []
+        for t in seq_lens:
+            r = by_len.get(t)
+            cells.append("" if r is None else "OOM" if r.error else f"{r.tokens_per_s / 1e3:.1f}k")
+        mems = [r.peak_mem_gib for r in by_len.values() if not r.error and r.peak_mem_gib is not None]
+        lines.append("| " + " | ".join([label, *cells, f"{max(mems):.1f}" if mems else "-"]) + " |")
+    return "\n".join(lines)
+
+
 def _jsonable(v: Any) -> bool:
     return (
         v is None
@@ -202,6 +225,7 @@ class Report:
     def finish(self, plot: bool = True, title: str = "") -> list[Path]:
         """Print the table, write the JSON and (with `plot`) the PNG; returns the files written."""
         print(format_table(self.records))
+        print("\n" + format_pivot(self.records) + "\n")
         written = [self.write_json()]
         if plot:
             written.append(plot_records(self.records, self.png_path, title or f"linear-moe bench {self.mode}"))
