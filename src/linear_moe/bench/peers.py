@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> Report:
     ours = f"ours {args.preset} {args.mixer}"
     report = Report("peers", args.out, vars(args))
     max_len = max(args.seq_len)
-    peers = [p for p in args.peers if p != "ours"]
+    peers = list(args.peers)
     for p in peers:
         if p not in PEERS:
             raise ValueError(f"unknown peer {p!r}; valid: {', '.join(PEERS)}")

@@ -27,7 +27,6 @@ import yaml
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from .config import RunConfig, build_run_config, load_run_config, run_config_dict, run_config_yaml
-from .generate_sample import generate
 from .logging import note
 from .trainer import Trainer
 
@@ -174,35 +173,47 @@ def _check_run_dir(cfg: RunConfig, resume_from: Path | None) -> None:
 
 
 def _finish(cfg: RunConfig, trainer: Trainer, summary: dict[str, Any], tokenizer_path: Path, chat: bool) -> None:
-    from ..data import Tokenizer, chat_prompt
-
+    """After training: the plots, the summary line, a sample (each on its own; the sample runs on every rank, since
+    a sharded model needs them all, and rank 0 prints)."""
     tc = cfg.train
     if tc.plot:
-        try:
-            from .plot import plot_run
-
-            plot_run(Path(tc.run_dir))
-        except ImportError as e:
-            note(f"note: {e}; skipping plots")
-    first, last, val = summary["first_loss"], summary["last_loss"], summary["val_loss"]
-    if first is not None:
-        val_text = f", val loss {val:.3f}" if val is not None else ""
-        print(
-            f"trained {summary['steps']} steps in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}{val_text}; "
-            f"checkpoint {summary['checkpoint']}"
-        )
+        _plot(Path(tc.run_dir))
+    if (line := summary_line(summary)) is not None:
+        print(line)
     if tc.sample_prompt and tc.sample_tokens > 0:
-        tok = Tokenizer.from_file(tokenizer_path)
-        if chat:
-            ids = chat_prompt(tok, [{"role": "user", "content": tc.sample_prompt}])
-        else:
-            ids = tok.encode(tc.sample_prompt)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=trainer.device)
-        out = generate(
-            trainer.model, input_ids, tc.sample_tokens, tc.sample_temperature, tc.sample_top_k, tc.seed, tok.eos_id
-        )
-        text = tok.decode(out[0, len(ids) :].tolist())
+        text = _sample(tc, trainer.model, tokenizer_path, chat)
         print(f"sample: {tc.sample_prompt}{text}" if not chat else f"sample ({tc.sample_prompt!r}): {text}")
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from .plot import plot_run
+
+        plot_run(run_dir)
+    except ImportError as e:
+        note(f"note: {e}; skipping plots")
+
+
+def summary_line(summary: dict[str, Any]) -> str | None:
+    """`trained N steps in S s: loss a -> b, val loss c; checkpoint PATH` (None when no step ran)."""
+    first, last, val = summary["first_loss"], summary["last_loss"], summary["val_loss"]
+    if first is None:
+        return None
+    val_text = f", val loss {val:.3f}" if val is not None else ""
+    return (
+        f"trained {summary['steps']} steps in {summary['seconds']:.0f}s: loss {first:.3f} -> {last:.3f}{val_text}; "
+        f"checkpoint {summary['checkpoint']}"
+    )
+
+
+def _sample(tc, model: torch.nn.Module, tokenizer_path: Path, chat: bool) -> str:
+    from ..data import Tokenizer
+    from ..generate import sample_text
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    return sample_text(
+        model, tok, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature, tc.sample_top_k, tc.seed, chat
+    )
 
 
 def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
