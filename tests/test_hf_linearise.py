@@ -128,6 +128,14 @@ def test_linear_mixer_gets_qkvo_with_gqa_heads_repeated(hf_dirs):
         assert torch.equal(mixer.v_proj.weight[h * d : (h + 1) * d], attn.v_proj.weight[src])
     assert "layers.1.mixer.k_proj.weight <- model.layers.1.self_attn.k_proj.weight (kv heads x2)" in report.mapped
     assert "layers.1.mixer.b_proj.weight" in report.initialised  # DeltaNet's beta has no source
+    # GLA's keys are half as wide (16 = 4 heads x 4): its k has the shape of the source's 2 kv heads x 8, but q
+    # does not fit, so neither maps (their heads would not line up); v and o fit and map together
+    _, gla = ours(hf_dir, mixer="gla")
+    assert {"layers.1.mixer.q_proj.weight", "layers.1.mixer.k_proj.weight"} <= set(gla.initialised)
+    assert [m.split(" <- ")[0] for m in gla.mapped if m.startswith("layers.1")] == [
+        "layers.1.mixer.o_proj.weight",
+        "layers.1.mixer.v_proj.weight",
+    ]
 
 
 def test_fused_expert_layout_reads_the_same(hf_dirs, tmp_path):

@@ -272,26 +272,42 @@ def _fit(w: torch.Tensor, shape: torch.Size, role: str, group: int, head_dim: in
     return None
 
 
+def _group_fit(
+    plan: _Plan, mixer: nn.Module, src: str, ours: str, group: tuple[str, ...], gqa: int, head_dim: int
+) -> dict[str, tuple[torch.Tensor, str, str]]:
+    """Our tensors for the source projections in `group` -> (tensor, source name, how); empty when one does not
+    fit (the whole group then keeps its initialisation)."""
+    out = {}
+    for role in group:
+        found = _find_linear(mixer, PROJECTION_NAMES[role])
+        if found is None:
+            continue
+        name, linear = found
+        for kind in ("weight", "bias"):
+            key = f"{src}{role}.{kind}"
+            w, target = plan.weights.get(key), getattr(linear, kind)
+            if w is None or target is None:
+                continue
+            fit = _fit(w, target.shape, role, gqa, head_dim)
+            if fit is None:
+                return {}
+            out[f"{ours}{name}.{kind}"] = (fit[0], key, fit[1])
+    return out
+
+
 def _attention(plan: _Plan, i: int, mixer: nn.Module, config: dict[str, Any], arch: str) -> None:
+    """q/k/v/o onto the mixer's projections. q with k, and v with o, map together or not at all: a q that
+    fits means our heads have the source's head dim, so k's rows line up with them (and likewise v with o)."""
     if arch == "deepseek_v2":
         return  # MLA (low-rank kv with a norm inside) does not map onto any of our projections
     src, ours = f"model.layers.{i}.self_attn.", f"layers.{i}.mixer."
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    for role, names in PROJECTION_NAMES.items():
-        found = _find_linear(mixer, names)
-        if found is None or f"{src}{role}.weight" not in plan.weights:
-            continue
-        name, linear = found
-        for kind in ("weight", "bias"):
-            w, target = plan.weights.get(f"{src}{role}.{kind}"), getattr(linear, kind)
-            if w is None or target is None:
-                continue
-            fitted = _fit(w, target.shape, role, heads // kv_heads, head_dim)
-            if fitted is not None:
-                plan.take(f"{src}{role}.{kind}")
-                plan.mapped[f"{ours}{name}.{kind}"] = (fitted[0], f"{src}{role}.{kind} ({fitted[1]})")
+    for group in (("q_proj", "k_proj"), ("v_proj", "o_proj")):
+        for name, (t, key, how) in _group_fit(plan, mixer, src, ours, group, heads // kv_heads, head_dim).items():
+            plan.take(key)
+            plan.mapped[name] = (t, f"{key} ({how})")
 
 
 def linearise(model: nn.Module, hf_dir: str | Path) -> InitReport:
