@@ -148,6 +148,35 @@ def generate(
     return run_generate(checkpoint, read_prompts(prompt, prompts_file), config, device, dtype, tokenizer, chat)
 
 
+def evaluate(
+    checkpoint: str,
+    tasks: str | None = None,
+    include_path: str | None = None,
+    builtin_tasks: bool = True,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 16,
+    perplexity: str | None = None,
+    out: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint with lm-evaluation-harness (`--tasks hellaswag,arc_easy`; needs the eval extra) or its
+    perplexity on a text file (`--perplexity FILE`). Tasks may be lm-eval's or task YAML files in --include-path
+    (local data works offline). Prints a table; --out writes the results as JSON. See docs/evaluation.md."""
+    from .eval import run_perplexity, run_tasks
+
+    if perplexity is not None:
+        return run_perplexity(checkpoint, perplexity, out, device=device, dtype=dtype)
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not names:
+        raise ValueError("give --tasks TASK[,TASK...] or --perplexity FILE")
+    return run_tasks(
+        checkpoint, names, include_path, num_fewshot, limit, batch_size, out, device, dtype, seed, builtin_tasks
+    )
+
+
 def _add_inference_parsers(sub, fmt) -> None:
     p = sub.add_parser("generate", help=_summary(generate), description=_doc(generate), formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -186,6 +215,36 @@ def _add_inference_parsers(sub, fmt) -> None:
             a.device,
             a.dtype,
             a.tokenizer,
+        )
+    )
+
+    p = sub.add_parser("eval", help=_summary(evaluate), description=_doc(evaluate), formatter_class=fmt)
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--tasks", default=None, help="lm-eval task names, comma separated")
+    p.add_argument("--include-path", default=None, help="a directory of task YAML files (local tasks)")
+    p.add_argument("--no-builtin-tasks", dest="builtin_tasks", action="store_false", help="only --include-path")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per batch (default 16)")
+    p.add_argument("--perplexity", default=None, metavar="FILE", help="perplexity of a text file instead of tasks")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and generation (default 0)")
+    p.set_defaults(
+        run=lambda a: evaluate(
+            a.checkpoint,
+            a.tasks,
+            a.include_path,
+            a.builtin_tasks,
+            a.num_fewshot,
+            a.limit,
+            a.batch_size,
+            a.perplexity,
+            a.out,
+            a.device,
+            a.dtype,
+            a.seed,
         )
     )
 
@@ -322,4 +381,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate", "evaluate"]

@@ -92,9 +92,10 @@ def forward_last(
     states: States | None,
     cu_seqlens: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, States]:
+    use_cache: bool = True,
+) -> tuple[torch.Tensor, States | None]:
     """Run the model and return the logits at `positions` of the flattened tokens only (`[P, V]`; None: the last
-    position of every row) and the new states. The final norm's output is narrowed to those positions before the LM
+    position of every row) and the new states (None without states and `use_cache`). The final norm's output is narrowed to those positions before the LM
     head, so a long prefill never materialises `[T, V]` logits."""
     if positions is None:
         B, T = input_ids.shape
@@ -105,7 +106,7 @@ def forward_last(
 
     handle = model.norm.register_forward_hook(keep_positions)
     try:
-        out = model(input_ids, cu_seqlens=cu_seqlens, states=states, use_cache=True)
+        out = model(input_ids, cu_seqlens=cu_seqlens, states=states, use_cache=use_cache)
     finally:
         handle.remove()
     return out.logits[0], out.states
