@@ -215,7 +215,9 @@ def apply_tp(model: nn.Module, mesh) -> None:
         out = forward(*args, **kwargs)
         if isinstance(out.loss, DTensor):
             out.loss = out.loss.to_local()
-        if isinstance(out.logits, DTensor):
+        if out.loss is not None:  # as with the fused loss: no [B, T, V] logits gathered when training
+            out.logits = None
+        elif isinstance(out.logits, DTensor):
             out.logits = out.logits.full_tensor()
         return out
 
