@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_moe.ops import _wy
 from linear_moe.ops import delta_rule as dr
 from linear_moe.ops import gated_delta_rule as gdr
 from linear_moe.ops import rwkv7 as rk
@@ -125,6 +126,32 @@ def test_chunk_float32_default_chunk_size(family: str) -> None:
     assert o.dtype == torch.float32 and s.dtype == torch.float32
     assert_close(o, o_ref, 1e-5)
     assert_close(s, s_ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("decay", [0.6065, 5.0, 40.0], ids=["rwkv7-bound", "strong", "extreme"])
+def test_rwkv7_factorised_decays_stay_exact(decay: float, dtype: torch.dtype) -> None:
+    """Per-channel decays factorised relative to the chunk start: at RWKV-7's own bound a 64-token chunk spans
+    e^38.8 of decay; stronger decays shorten the chunk. Exact against the recurrence, finite, in both dtypes."""
+    x64 = make_inputs("rwkv7", 2, 150, 2, 16, 8, seed=4)
+    x64["w"] = -decay * torch.rand(x64["w"].shape, dtype=torch.float64).clamp_min(0.5)
+    h0 = torch.randn(2, 2, 16, 8, dtype=torch.float64)
+    x = {n: t.to(dtype) for n, t in x64.items()}
+    o, s = rk.chunk_rwkv7_torch(**x, scale=1.0, initial_state=h0.to(dtype), output_final_state=True, chunk_size=64)
+    o_ref, s_ref = reference("rwkv7", x64, 1.0, h0)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close(o, o_ref, tol)
+    assert_close(s, s_ref, tol)
+
+
+def test_factorised_chunk_size_bounds_the_decay_a_chunk_spans() -> None:
+    w = torch.full((1, 5, 1, 2), -0.6065)
+    assert _wy.factorised_chunk_size(w, 64) == 64  # 64 * 0.6065 = 38.8 <= 40
+    assert _wy.factorised_chunk_size(w * 2, 64) == 32
+    assert _wy.factorised_chunk_size(w.new_full(w.shape, -5.0), 64) == 8
+    assert _wy.factorised_chunk_size(w.new_full(w.shape, -100.0), 64) == 1  # one token per chunk: nothing to factor
+    assert _wy.factorised_chunk_size(w.new_zeros(w.shape), 48) == 48
 
 
 @pytest.mark.parametrize("kind", ["chunk", "fused_recurrent"])

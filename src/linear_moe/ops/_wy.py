@@ -11,8 +11,12 @@ adds the scalar decay g; RWKV-7 (arXiv:2503.14456) uses a per-channel decay and 
 
 `chunk_dplr` is the chunked WY/UT form: within a chunk, the rows u_j = a_j^T X_j solve the unit lower-triangular
 system (I - A_ab) U = A_ak V + (a * decay) S_0 (solved with `solve_triangular`), then the chunk's outputs and
-final state are matmuls; a loop over chunks passes the state. Every exponent is a relative decay `G_i - G_j <= 0`
-(G the within-chunk cumulative log decay), so strong decays underflow to zero instead of overflowing.
+final state are matmuls; a loop over chunks passes the state. With G the within-chunk cumulative log decay, a
+scalar decay enters the intra-chunk products as the exact relative decay `exp(G_i - G_j)`, `G_i - G_j <= 0` (so
+strong decays underflow to zero instead of overflowing); a per-channel decay is factorised relative to the chunk
+start, `exp(G_i) * exp(-G_j)`, as fla does, so every product is a `[C, K] @ [K, C]` matmul (no `[C, C, K]` decay
+tensor), with the chunk shortened until it spans at most e^40 of decay (`factorised_chunk_size`). Decays from a
+token to the chunk's end and from the chunk's start are `<= 1`.
 `recurrent_dplr` is the token loop (decoding path and reference). Both accumulate in float32 (float64 if any
 input is float64).
 """
@@ -34,11 +38,21 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def _decayed_products(x: Tensor, y: Tensor, rel: Tensor, scalar: bool) -> Tensor:
-    """sum_k x_ik y_jk exp(rel_ijk) for every (i, j); rel `[..., C, C]` (scalar) or `[..., C, C, K]`."""
-    if scalar:
-        return (x @ y.transpose(-1, -2)) * rel.exp()
-    return torch.einsum("...ik,...jk,...ijk->...ij", x, y, rel.exp())
+FACTOR_RANGE = 40.0  # total |log decay| a chunk may span when per-channel decays are factorised (e^40 ~ 2e17)
+
+
+def factorised_chunk_size(g_BTHK: Tensor, chunk_size: int) -> int:
+    """The chunk size (`chunk_size` halved until it fits) whose tokens span at most FACTOR_RANGE of log decay.
+
+    Per-channel decays are factorised relative to the chunk start, exp(G_i - G_j) = exp(G_i) * exp(-G_j), which
+    turns each intra-chunk product into one `[C, K] @ [K, C]` matmul instead of a `[C, C, K]` decay tensor.
+    exp(-G_j) grows with the decay the chunk spans; bounding that by e^40 keeps every factor and every kept
+    product far inside float32's range (1e-38 .. 3e38), so the result stays exact to rounding."""
+    worst = float(g_BTHK.detach().abs().amax()) if g_BTHK.numel() else 0.0
+    C = chunk_size
+    while C > 1 and C * worst > FACTOR_RANGE:
+        C //= 2
+    return C
 
 
 def chunk_dplr(
@@ -61,38 +75,36 @@ def chunk_dplr(
     dt = cc.acc_dtype(q_BTHK, k_BTHK, v_BTHV, a_BTHK, b_BTHK, g, initial_state)
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
-    C = chunk_size
-    N, prep = cc.chunker(T, C, dt)
     if g is None:
         g = q_BTHK.new_zeros(B, T, H, dtype=dt)
     scalar = g.dim() == 3
+    C = chunk_size if scalar else factorised_chunk_size(g, chunk_size)
+    N, prep = cc.chunker(T, C, dt)
 
     q, k, v, a, b = prep(q_BTHK) * scale, prep(k_BTHK), prep(v_BTHV), prep(a_BTHK), prep(b_BTHK)
     g = prep(g if not scalar else g[..., None])  # [B, H, N, C, K] or [B, H, N, C, 1]
     G = g.cumsum(3)  # inclusive within-chunk log decay
     Ga = G - g if a_pre_decay else G  # log decay the state has seen when a_j reads it
 
-    i = torch.arange(C, device=q.device)
-    causal = i[:, None] >= i[None, :]  # [C, C] j <= i
-    strict = i[:, None] > i[None, :]  # j < i
-
-    def rel(Gi: Tensor, mask: Tensor) -> Tensor:  # exp argument Gi_i - G_j, -inf where masked
-        if scalar:
-            return (Gi[..., :, None, 0] - G[..., None, :, 0]).masked_fill(~mask, float("-inf"))
-        return (Gi[..., :, None, :] - G[..., None, :, :]).masked_fill(~mask[..., None], float("-inf"))
-
-    rel_a, rel_q = rel(Ga, strict), rel(G, causal)
-    A_ab = _decayed_products(a, b, rel_a, scalar)  # [B, H, N, C, C] strictly lower
-    A_ak = _decayed_products(a, k, rel_a, scalar)
-    A_qk = _decayed_products(q, k, rel_q, scalar)
-    A_qb = _decayed_products(q, b, rel_q, scalar)
+    qd = q * G.exp()  # q_i decayed back to the chunk start
+    ad = a * Ga.exp()  # a_i likewise (it reads the state after decay Ga_i)
+    if scalar:  # exact relative decays exp(G_i - G_j) as a [C, C] matrix: scalar decays may be arbitrarily strong
+        i = torch.arange(C, device=q.device)
+        rel_a = (Ga[..., :, None, 0] - G[..., None, :, 0]).masked_fill(i[:, None] <= i[None, :], float("-inf")).exp()
+        rel_q = (G[..., :, None, 0] - G[..., None, :, 0]).masked_fill(i[:, None] < i[None, :], float("-inf")).exp()
+        A_ab, A_ak = (a @ b.transpose(-1, -2)) * rel_a, (a @ k.transpose(-1, -2)) * rel_a  # [B, H, N, C, C]
+        A_qk, A_qb = (q @ k.transpose(-1, -2)) * rel_q, (q @ b.transpose(-1, -2)) * rel_q
+    else:  # per-channel decays factorised relative to the chunk start (`factorised_chunk_size`)
+        undo = (-G).exp()
+        kT, bT = (k * undo).transpose(-1, -2), (b * undo).transpose(-1, -2)
+        A_ab, A_ak = (ad @ bT).tril(-1), (ad @ kT).tril(-1)  # j < i
+        A_qk, A_qb = (qd @ kT).tril(), (qd @ bT).tril()  # j <= i
     eye = torch.eye(C, dtype=dt, device=q.device)
     L = eye - A_ab
     # U = U0 + W S_0 per chunk, with S_0 the chunk's start state
     U0_BHNCV = torch.linalg.solve_triangular(L, A_ak @ v, upper=False, unitriangular=True)
-    W_BHNCK = torch.linalg.solve_triangular(L, a * Ga.exp(), upper=False, unitriangular=True)
+    W_BHNCK = torch.linalg.solve_triangular(L, ad, upper=False, unitriangular=True)
     o_intra = A_qk @ v + A_qb @ U0_BHNCV
-    qd = q * G.exp()  # q_i decayed back to the chunk start
     Q_BHNCK = qd + A_qb @ W_BHNCK  # everything that multiplies S_0 in the output
 
     G_last = G[..., -1:, :]

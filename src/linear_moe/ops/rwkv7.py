@@ -20,7 +20,7 @@ from linear_moe.ops import _wy, checks
 from linear_moe.ops._dispatch import Args, FlaCall, cast_like, checked, fla_dispatch
 
 Tensor = torch.Tensor
-CHUNK_SIZE = 16  # the intra-chunk decay tensor is [C, C, K] per chunk: keep C small
+CHUNK_SIZE = 64  # shortened where the decays are strong (`_wy.factorised_chunk_size`)
 FLA_CHUNK_KWARGS = ("safe_gate", "chunk_size", "disable_recompute", "cp_context", "lower_bound")
 
 
@@ -47,7 +47,8 @@ def chunk_rwkv7_torch(
 ) -> tuple[Tensor, Tensor | None]:
     """PyTorch chunked generalized-WY form. r, w, k, a, b `[B, T, H, K]`, v `[B, T, H, V]`,
     initial_state `[N, H, K, V]` -> o `[B, T, H, V]` (v's dtype), final state `[N, H, K, V]` (float32) or None.
-    fla's kernel-tuning kwargs (safe_gate, disable_recompute, lower_bound) are ignored; chunk_size is honoured."""
+    fla's kernel-tuning kwargs (safe_gate, disable_recompute, lower_bound) are ignored; chunk_size is an upper bound
+    (halved while a chunk would span more than e^40 of decay: `_wy.factorised_chunk_size`)."""
     return _wy.run_dplr(
         _wy.chunk_dplr,
         r,
