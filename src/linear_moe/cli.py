@@ -177,6 +177,24 @@ def evaluate(
     )
 
 
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_seq_len: int = 2048,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+) -> None:
+    """Serve a checkpoint over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions (stream: true
+    for server-sent events), GET /v1/models. Concurrent requests are batched at every decode step; --max-seq-len
+    is the KV-cache size of softmax layers per request. Needs the serve extra (aiohttp). See docs/generation.md."""
+    from .serve import serve as run_server
+
+    run_server(checkpoint, host, port, max_batch, max_seq_len, device, dtype, seed)
+
+
 def _add_inference_parsers(sub, fmt) -> None:
     p = sub.add_parser("generate", help=_summary(generate), description=_doc(generate), formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -246,6 +264,19 @@ def _add_inference_parsers(sub, fmt) -> None:
             a.dtype,
             a.seed,
         )
+    )
+
+    p = sub.add_parser("serve", help=_summary(serve), description=_doc(serve), formatter_class=fmt)
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + new tokens per request (default 2048)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.set_defaults(
+        run=lambda a: serve(a.checkpoint, a.host, a.port, a.max_batch, a.max_seq_len, a.device, a.dtype, a.seed)
     )
 
 
@@ -381,4 +412,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate", "evaluate"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate", "evaluate", "serve"]
