@@ -1,0 +1,201 @@
+"""Scale on paper: the bytes each parallel dimension moves per training step, per rank, from the model and layout.
+
+`step_traffic(cfg, layout, tokens)` lists every collective of one step on one rank (averaged over pipeline stages):
+its dimension, kind, group size and input bytes (summed over the step's calls), following what this package does:
+
+- tp (parallel/tp.py), per layer and per n = tokens of the tp group: the mixer's input all-gather (n/tp x D) and
+  o_proj's reduce-scatter (n x D), the same pair for a dense FFN, an all-gather for an MoE FFN (replicated over
+  tp); backward mirrors each (all-gather <-> reduce-scatter). Embedding: one reduce-scatter (+ its all-gather in
+  backward); head: one all-gather (+ its reduce-scatter). Per-head norm gradients (all-reduce of a head's width)
+  and loss_parallel's per-token statistics are left out (kilobytes).
+- cp (parallel/cp.py), per forward call of a layer: a linear mixer all-gathers its last document's final state and
+  transition (R x H x K x (V + K) float32) and, with short convolutions, the last W-1 inputs; a softmax layer
+  all-gathers K and V of the slice; backward reduce-scatters the gathered tensors (cp x the input).
+- ep (parallel/ep.py): per MoE layer each routed row (tokens x top_k) goes through an all-to-all to its expert's
+  rank and back, forward and backward (4 all-to-alls of rows x D); with uniform routing a fraction (ep-1)/ep leaves
+  the rank. The count exchange (E integers) is left out.
+- fsdp (parallel/fsdp.py): each block's parameter shard is all-gathered in forward and again in backward (the last
+  block and the root stay gathered), gradients reduce-scattered in float32, per forward-backward; shards are padded
+  so that dim 0 divides the shard count, as FSDP2 does. Experts are sharded over dp_shard*cp/ep ranks; HSDP adds an
+  all-reduce of the gradient shards over dp_replicate.
+- pp (parallel/pp.py): each stage boundary sends the activations (and int64 document indices) forward and their
+  gradients backward, once per micro-batch; a rank has `virtual` stages.
+
+Bytes moved per rank (ring algorithms): all-gather input x (g-1), reduce-scatter and all-to-all input x (g-1)/g,
+all-reduce 2 x input x (g-1)/g, send input. `moved_bytes` sums them per dimension; `layout_table` prints
+the table of docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..model.config import ModelConfig
+from .config import ParallelConfig
+
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send")
+
+
+@dataclass
+class Traffic:
+    dim: str  # tp | cp | ep | fsdp | pp
+    what: str
+    kind: str  # one of KINDS
+    group: int  # ranks in the collective (2 for a send)
+    input_bytes: float  # this rank's input tensors, summed over the step's calls
+
+    @property
+    def moved(self) -> float:
+        """Bytes this rank sends."""
+        g = self.group
+        factor = {
+            "all_gather": g - 1,
+            "reduce_scatter": (g - 1) / g,
+            "all_to_all": (g - 1) / g,
+            "all_reduce": 2 * (g - 1) / g,
+            "send": 1.0,
+        }[self.kind]
+        return self.input_bytes * factor
+
+
+def _meta_model(cfg: ModelConfig):
+    from ..model import LinearMoEForCausalLM
+
+    with torch.device("meta"):
+        return LinearMoEForCausalLM(cfg)
+
+
+def _conv_width(mixer) -> int:
+    from ..layers.conv import ShortConvolution
+
+    return max((m.kernel_size for m in mixer.modules() if isinstance(m, ShortConvolution)), default=1)
+
+
+def _shard_bytes(params, shards: int, nbytes: int) -> tuple[float, float]:
+    """(padded shard bytes, padded full bytes) of `params` sharded on dim 0 over `shards` ranks (FSDP2)."""
+    shard = sum(math.ceil(p.shape[0] / shards) * (p.numel() // max(p.shape[0], 1)) for p in params) * nbytes
+    return shard, shard * shards
+
+
+def step_traffic(
+    cfg: ModelConfig,
+    layout: ParallelConfig,
+    tokens: int,
+    *,
+    calls: int = 1,
+    act_bytes: int = 2,
+    param_bytes: int = 2,
+    grad_bytes: int = 4,
+    rows: int = 1,
+    virtual: int = 1,
+) -> list[Traffic]:
+    """The collectives of one training step on one rank (averaged over pipeline stages).
+
+    `tokens`: global tokens per step; `calls`: forward-backward calls per step on a rank (gradient accumulation x
+    pipeline micro-batches), each over `rows` sequences crossing the cp boundaries (1 when packed); `virtual`:
+    pipeline stages per rank. Byte widths: activations, parameters as gathered (bf16 under FSDP mixed precision),
+    gradients as reduced (float32)."""
+    model = _meta_model(cfg)
+    D, L = cfg.hidden_size, cfg.num_layers
+    dp, tp, cp, ep, pp = layout.dp_replicate * layout.dp_shard, layout.tp, layout.cp, layout.ep, layout.pp
+    n = tokens / dp / cp  # tokens of one rank's sequence slice (a tp group shares them)
+    layers = list(model.layers)
+    share = 1 / pp  # every layer's traffic lands on one of pp stages: average rank
+    out: list[Traffic] = []
+
+    def add(dim, what, kind, group, b):
+        if group > 1 and b > 0:
+            out.append(Traffic(dim, what, kind, group, b))
+
+    if tp > 1:
+        u = n / tp * D * act_bytes  # one rank's sequence slice of hidden states
+        dense = sum(not b.is_moe for b in layers)
+        moe = L - dense
+        add("tp", "layer inputs (all-gather fwd, RS->AG bwd)", "all_gather", tp, share * (2 * L + 2 * dense) * u)
+        add("tp", "MoE FFN output grads (bwd)", "all_gather", tp, share * moe * u)
+        add("tp", "MoE FFN inputs (fwd)", "all_gather", tp, share * moe * u)
+        add("tp", "o_proj / down_proj (RS fwd, AG->RS bwd)", "reduce_scatter", tp, share * (2 * L + 2 * dense) * tp * u)
+        add("tp", "embedding and head", "all_gather", tp, share * 2 * u)
+        add("tp", "embedding and head", "reduce_scatter", tp, share * 2 * tp * u)
+    if cp > 1:
+        state = conv = kv = 0.0
+        for b in layers:
+            mixer = b.mixer
+            if type(mixer).__name__ == "Attention":
+                kv += 2 * rows * (mixer.num_kv_heads // tp) * (n / rows) * mixer.head_dim * act_bytes
+                continue
+            H, K, V = mixer.state_spec()["recurrent"].shape
+            state += rows * H // tp * K * (V + K) * 4
+            if _conv_width(mixer) > 1:
+                conv += rows * (_conv_width(mixer) - 1) * D * act_bytes
+        for what, b in (("linear states (S, P)", state), ("short-conv halos", conv), ("softmax K/V", kv)):
+            add("cp", what, "all_gather", cp, share * calls * b)
+            add("cp", what + " (bwd)", "reduce_scatter", cp, share * calls * cp * b)
+    if ep > 1:
+        k = cfg.moe.top_k
+        moe = sum(b.is_moe for b in layers)
+        add(
+            "ep",
+            "routed rows to experts and back, fwd + bwd",
+            "all_to_all",
+            ep,
+            share * moe * 4 * n * k * D * act_bytes,
+        )
+    fsdp = layout.dp_shard * cp
+    if fsdp > 1 or layout.dp_replicate > 1:
+        efsdp = fsdp // ep
+        blocks_ag = blocks_rs = experts_ag = experts_rs = 0.0
+        for i, b in enumerate(layers):
+            expert = list(b.ffn.experts.parameters()) if b.is_moe else []
+            dense = [p for p in b.parameters() if all(p is not e for e in expert)]
+            times = 2 if i < L - 1 else 1  # resharded after forward: gathered again in backward
+            s, f = _shard_bytes([_tp_shard(p, tp) for p in dense], fsdp, param_bytes)
+            blocks_ag += times * s
+            blocks_rs += f / param_bytes * grad_bytes
+            if expert:
+                s, f = _shard_bytes([_ep_shard(p, ep) for p in expert], efsdp, param_bytes)
+                experts_ag += times * s
+                experts_rs += f / param_bytes * grad_bytes
+        root = [p for name, p in model.named_parameters() if not name.startswith("layers.")]
+        s, f = _shard_bytes([_tp_shard(p, tp) for p in root], fsdp, param_bytes)
+        add("fsdp", "dense parameters", "all_gather", fsdp, calls * (share * blocks_ag + s / pp))
+        add(
+            "fsdp",
+            "dense gradients",
+            "reduce_scatter",
+            fsdp,
+            calls * (share * blocks_rs + f / param_bytes * grad_bytes / pp),
+        )
+        add("fsdp", "expert parameters", "all_gather", efsdp, calls * share * experts_ag)
+        add("fsdp", "expert gradients", "reduce_scatter", efsdp, calls * share * experts_rs)
+        if layout.dp_replicate > 1:
+            grads = (blocks_rs * share + f / param_bytes * grad_bytes / pp) / fsdp + experts_rs * share / max(efsdp, 1)
+            add("fsdp", "HSDP gradient shards", "all_reduce", layout.dp_replicate, grads)
+    if pp > 1:
+        per_token = 2 * D * act_bytes + 8  # activations forward, their gradients backward, document indices
+        boundaries = (pp * virtual - 1) / pp  # stage boundaries per rank, averaged
+        add("pp", "activations and gradients between stages", "send", 2, boundaries * n * per_token)
+    return out
+
+
+def _tp_shard(p: torch.Tensor, tp: int) -> torch.Tensor:
+    """A meta tensor of `p`'s tp shard size (dim 0 split; a stand-in for the mixed colwise/rowwise split)."""
+    return torch.empty(
+        math.ceil(p.shape[0] / tp) if tp > 1 and p.shape[0] % tp == 0 else p.shape[0], *p.shape[1:], device="meta"
+    )
+
+
+def _ep_shard(p: torch.Tensor, ep: int) -> torch.Tensor:
+    """Experts [E, ...] split over ep ranks: this rank's [E/ep, ...]."""
+    return torch.empty(p.shape[0] // ep, *p.shape[1:], device="meta")
+
+
+def moved_bytes(traffic: list[Traffic]) -> dict[str, float]:
+    """Bytes each rank sends per step, per dimension."""
+    total: dict[str, float] = {}
+    for t in traffic:
+        total[t.dim] = total.get(t.dim, 0.0) + t.moved
+    return total
