@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 
-from linear_moe.ops.checks import check_layout, check_varlen  # noqa: F401 - re-exported until mixers import checks
-
 Args = dict[str, Any]  # an op's bound arguments by name; the op's extra keyword arguments under "kwargs"
 OPS: dict[str, Callable[..., Any]] = {}  # public op name -> op (filled as the op modules are imported)
 OP_MODULES = (

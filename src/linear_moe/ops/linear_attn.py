@@ -159,28 +159,18 @@ def fused_recurrent_linear_attn_torch(
     )
 
 
-COMMON = ("scale", "initial_state", "output_final_state")
+def _fla_call(name: str, *args: str) -> FlaCall:
+    """fla's unnormalised `name` on (q, k, v, `args`), normalised by us in float32 (`_fla_args`, `_fla_finish`)."""
+    return FlaCall("ops.linear_attn", name, ("q", "k", "v", *args), 3, adapt=_fla_args, finish=_fla_finish)
+
+
+NOTE = "Extra kwargs are dropped (fla takes none); normalisation runs in float32 (`_fla_args`)."
+STATE = ("scale", "initial_state", "output_final_state")
 chunk_linear_attn = fla_dispatch(
-    chunk_linear_attn_torch,
-    FlaCall(
-        "ops.linear_attn",
-        "chunk_linear_attn",
-        ("q", "k", "v", *COMMON, "normalize", "cu_seqlens"),
-        positional=3,
-        adapt=_fla_args,
-        finish=_fla_finish,
-    ),
-    note="Extra kwargs are dropped (fla takes none); normalisation runs in float32 (`_fla_args`).",
+    chunk_linear_attn_torch, _fla_call("chunk_linear_attn", *STATE, "normalize", "cu_seqlens"), note=NOTE
 )
 fused_recurrent_linear_attn = fla_dispatch(
     fused_recurrent_linear_attn_torch,
-    FlaCall(
-        "ops.linear_attn",
-        "fused_recurrent_linear_attn",
-        ("q", "k", "v", *COMMON, "reverse", "normalize", "cu_seqlens"),
-        positional=3,
-        adapt=_fla_args,
-        finish=_fla_finish,
-    ),
-    note="Extra kwargs are dropped (fla takes none); normalisation runs in float32 (`_fla_args`).",
+    _fla_call("fused_recurrent_linear_attn", *STATE, "reverse", "normalize", "cu_seqlens"),
+    note=NOTE,
 )

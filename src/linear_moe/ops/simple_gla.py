@@ -99,24 +99,12 @@ def fused_recurrent_simple_gla_torch(
     )
 
 
-COMMON = ("g", "g_gamma", "scale", "initial_state", "output_final_state")
+ARGS = ("q", "k", "v", "g", "g_gamma", "scale", "initial_state", "output_final_state")
 chunk_simple_gla = fla_dispatch(
     chunk_simple_gla_torch,
-    FlaCall(
-        "ops.simple_gla",
-        "chunk_simple_gla",
-        ("q", "k", "v", *COMMON, "state_v_first", "cu_seqlens", "cu_seqlens_cpu"),
-        positional=3,
-        kwargs=True,
-    ),
+    FlaCall("ops.simple_gla", "chunk_simple_gla", (*ARGS, "state_v_first", "cu_seqlens", "cu_seqlens_cpu"), 3, True),
 )
 fused_recurrent_simple_gla = fla_dispatch(
     fused_recurrent_simple_gla_torch,
-    FlaCall(
-        "ops.simple_gla",
-        "fused_recurrent_simple_gla",
-        ("q", "k", "v", *COMMON, "reverse", "state_v_first", "cu_seqlens"),
-        positional=3,
-        kwargs=True,
-    ),
+    FlaCall("ops.simple_gla", "fused_recurrent_simple_gla", (*ARGS, "reverse", "state_v_first", "cu_seqlens"), 3, True),
 )
