@@ -199,3 +199,83 @@ def moved_bytes(traffic: list[Traffic]) -> dict[str, float]:
     for t in traffic:
         total[t.dim] = total.get(t.dim, 0.0) + t.moved
     return total
+
+
+# ---------------------------------------------------------------- time on paper (docs/scaling.md)
+
+GPUS_PER_NODE = 8
+NVLINK_BPS = 360e9  # H200 NVLink 4: 450 GB/s per direction per GPU; ~80% reached by NCCL rings
+IB_BPS = 40e9  # 8 x 400 Gb/s InfiniBand per node: 50 GB/s per GPU per direction; ~80% reached
+PEAK_FLOPS, MFU = 989e12, 0.4  # H200 dense bf16, and the fraction a good step reaches
+MESH_ORDER = ("tp", "cp", "dp_shard", "dp_replicate", "pp")  # innermost first, as parallel/mesh.py lays them out
+
+
+def _stride(layout: ParallelConfig, dim: str) -> int:
+    """Rank distance between neighbours of a dimension's group (ep sits next to tp, inside dp_shard * cp)."""
+    if dim in ("ep", "fsdp"):
+        return layout.tp
+    inner = MESH_ORDER[: MESH_ORDER.index(dim)]
+    return math.prod(getattr(layout, d) for d in inner)
+
+
+def bandwidth(layout: ParallelConfig, t: Traffic) -> float:
+    """NVLink when the collective's group fits in one node, else InfiniBand."""
+    dim = {"fsdp": "fsdp"}.get(t.dim, t.dim)
+    if t.kind == "all_reduce":  # HSDP: across replicas
+        dim = "dp_replicate"
+    span = _stride(layout, dim) * (t.group if t.kind != "send" else 2)
+    return NVLINK_BPS if span <= GPUS_PER_NODE else IB_BPS
+
+
+def estimate(cfg: ModelConfig, layout: ParallelConfig, seq_len: int, tokens_per_gpu: int) -> dict[str, float]:
+    """Per-rank bytes moved per step by each dimension (GB), the communication time at NVLink / InfiniBand rates
+    (seconds, no overlap) and the compute time at `MFU` of the H200's peak, for `tokens_per_gpu` tokens per GPU."""
+    from ..model.flops import flops_per_token
+
+    gpus = layout.world_size
+    tokens = tokens_per_gpu * gpus
+    rows = 1
+    traffic = step_traffic(cfg, layout, tokens, rows=rows, calls=max(1, layout.pp))
+    out: dict[str, float] = {f"{d}_GB": b / 1e9 for d, b in moved_bytes(traffic).items()}
+    out["comm_s"] = sum(t.moved / bandwidth(layout, t) for t in traffic)
+    out["compute_s"] = tokens_per_gpu * flops_per_token(cfg, seq_len) / (PEAK_FLOPS * MFU)
+    return out
+
+
+TABLE_LAYOUTS = {  # gpus -> candidate layouts (dimensions other than 1)
+    8: [dict(dp_shard=8), dict(dp_shard=8, ep=8), dict(dp_shard=4, tp=2, ep=4), dict(dp_shard=4, cp=2, ep=8)],
+    64: [dict(dp_shard=64, ep=8), dict(dp_replicate=8, dp_shard=8, ep=8), dict(dp_replicate=4, dp_shard=8, pp=2, ep=8)],
+    512: [
+        dict(dp_shard=512, ep=8),
+        dict(dp_replicate=64, dp_shard=8, ep=8),
+        dict(dp_replicate=32, dp_shard=8, pp=2, ep=8),
+        dict(dp_replicate=16, dp_shard=8, cp=4, ep=8),
+    ],
+}
+
+
+def layout_table(presets=("A0.3B-2B", "A1B-7B"), mixer: str = "gated_deltanet", seq_len: int = 2048) -> str:
+    """The markdown table of docs/scaling.md (32K tokens per GPU per step)."""
+    from ..model.presets import get_preset
+
+    dims = ("fsdp", "ep", "tp", "cp", "pp")
+    lines = [
+        "| preset | GPUs | layout | " + " | ".join(f"{d} GB" for d in dims) + " | comm s | compute s |",
+        "|---|---|---|" + "---|" * (len(dims) + 2),
+    ]
+    for name in presets:
+        cfg = get_preset(name).replace(mixer=mixer)
+        for gpus, layouts in TABLE_LAYOUTS.items():
+            for kw in layouts:
+                layout = ParallelConfig(**{"dp_shard": 1, **kw})
+                if layout.world_size != gpus:
+                    raise ValueError(f"layout {kw} covers {layout.world_size} GPUs, not {gpus}")
+                est = estimate(cfg, layout, seq_len, 32768)
+                desc = " ".join(f"{k}={v}" for k, v in kw.items())
+                gb = " | ".join(f"{est.get(f'{d}_GB', 0):.2f}" for d in dims)
+                lines.append(f"| {name} | {gpus} | {desc} | {gb} | {est['comm_s']:.3f} | {est['compute_s']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(layout_table())
