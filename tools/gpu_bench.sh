@@ -28,7 +28,9 @@ autotune=(--autotune "${BENCH_AUTOTUNE:-few}")
 bench() {
   local name=$1 limit=$2; shift 2
   timeout -s INT -k 10 "$limit" python3 -u -m linear_moe bench "$@" --out "$OUT/$name" "${autotune[@]}" > "$OUT/$name.log" 2>&1
-  echo "== $name (exit $?): $(grep -E 'warm-up|tokens/s' "$OUT/$name.log" | tr -s ' ' | tr '\n' ' ') $(grep -m1 -E '^error:|Error' "$OUT/$name.log")"
+  echo "== $name (exit $?): $(grep -E '^  .*(warm-up|: [0-9,]+ tokens/s|tokens/s x)' "$OUT/$name.log" | tr -s ' ' \
+    | tr '\n' ' ') $(grep -m1 -E '^error:|Error' "$OUT/$name.log")"
+  grep '^|' "$OUT/$name.log"  # the Markdown table of the run
 }
 
 if [ "${1:-}" = --suite ]; then
