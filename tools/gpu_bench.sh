@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for throughput, alone on the GPU (no tests beside them), each bench time-boxed, logs and results in $OUT.
 # Usage (device machine, repo root, carrying .gpu):
-#   bash tools/gpu_bench.sh [MIXER ...]          A0.3B-2B model bench + profile per mixer (default: gated_deltanet gla)
+#   bash tools/gpu_bench.sh [MIXER ...]          model bench + profile of BENCH_PRESET per mixer (default: gated_deltanet gla)
 #   bash tools/gpu_bench.sh --suite [PART ...]   the issue-15 suite, PARTs in order (default: model peers, ~7-9 min):
 #     model   A0.3B-2B training step of gla, gated_deltanet, lightning_attn and softmax attention at 2K/16K/32K/64K
 #             tokens per sequence, 65,536 tokens a step (32x2048, 4x16384, 2x32768, 1x65536), one process per mixer
@@ -13,8 +13,10 @@
 #   (`--suite layer kernel decode` is a second call of ~6-8 min.)
 # Env: BENCH_AUTOTUNE ("few": three Triton configs per fla kernel; a cold "full" autotune of the whole step outlasted
 # 265 s); per-mixer mode: SHAPES ("16x2048"), BENCH_TIMEOUT (240 s per mixer), BENCH_ARGS (e.g. "--compile",
-# "--precision bf16"), BENCH_TAG (log name suffix), PROFILE_ROWS (30); suite: SUITE_MIXERS ("gla gated_deltanet
-# lightning_attn attention"), SUITE_TIMEOUT.
+# "--precision bf16", "--activation-checkpointing"), BENCH_PRESET (A0.3B-2B), BENCH_TAG (log name suffix), PROFILE_ROWS
+# (30); suite: SUITE_MIXERS ("gla gated_deltanet lightning_attn attention"), SUITE_TIMEOUT. The issue-15 rows beyond
+# the suite: `SHAPES=1x131072 BENCH_ARGS=--activation-checkpointing bash tools/gpu_bench.sh gla` and
+# `BENCH_PRESET=A1B-7B SHAPES=4x8192 bash tools/gpu_bench.sh gla`.
 # A timed-out bench gets SIGINT, so its log shows where it was; each bench rewrites its JSON after every record.
 # Autotune results (Triton's *.autotune.json, kilobytes; env.sh sets TRITON_CACHE_AUTOTUNING=1) go to
 # $OUT/triton-cache.tar.gz: copy it to .gpu/ and the next machine's env.sh restores them, so a BENCH_AUTOTUNE=full
@@ -59,7 +61,7 @@ else
   shapes=(); for s in ${SHAPES:-16x2048}; do shapes+=(--shape "$s"); done
   for m in "${@:-gated_deltanet gla}"; do
     for mixer in $m; do
-      bench "bench_${mixer}${BENCH_TAG:+_$BENCH_TAG}" "${BENCH_TIMEOUT:-240}" model --preset A0.3B-2B --mixer "$mixer" \
+      bench "bench_${mixer}${BENCH_TAG:+_$BENCH_TAG}" "${BENCH_TIMEOUT:-240}" model --preset "${BENCH_PRESET:-A0.3B-2B}" --mixer "$mixer" \
         --vocab 32000 "${shapes[@]}" --steps 4 --warmup 2 --profile "${PROFILE_ROWS:-30}" ${BENCH_ARGS:-}
     done
   done
