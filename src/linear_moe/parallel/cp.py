@@ -18,8 +18,9 @@ and pass them as a KV cache. A document boundary (cu_seqlens) resets whatever is
 Gradients flow through the all-gathers (functional collectives), so each rank's loss share backpropagates into the
 slices of the earlier ranks; the trainer sums gradients over the `dp_cp` ranks as for data parallelism.
 
-Applied from outside the layers: `apply_cp(model, mesh)` wraps each mixer's `forward`; `shard_batch` cuts a step's
-batch into this rank's slice and records the layout the wrappers read. fla's own context parallelism
+Applied from outside the layers: `apply_cp(model, mesh)` wraps each mixer's `forward`; `shard_batch` cuts a batch
+into this rank's slice; the slice's layout travels on its local `cu_seqlens` tensor (attribute `cp_layout`), so the
+wrappers need no per-step state (an unpacked batch of whole rows needs no layout). fla's own context parallelism
 (`fla.ops.cp`) needs the mixers to hand a `cp_context` to their kernels: see docs/parallel.md.
 """
 
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed.tensor import DTensor
 
 from ..layers.conv import ShortConvolution
 from ..mixers.attention import Attention
@@ -92,15 +94,17 @@ def cp_layout(cu_seqlens: list[int] | None, total_len: int, rows: int, rank: int
 
 
 class ContextParallel:
-    """The process group of the `cp` dimension and the layout of the current batch (set by `shard_batch`)."""
+    """The process group of the `cp` dimension."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.layout: CPLayout | None = None
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """[*shape] on every rank -> [size, *shape] (differentiable: gradients return to their rank)."""
+        """[*shape] on every rank -> [size, *shape] (differentiable: gradients return to their rank). A replicated
+        DTensor (the input of a tensor-parallel mixer) is gathered as its local tensor."""
+        if isinstance(t, DTensor):
+            t = t.to_local()
         return all_gather_tensor_autograd(t.contiguous()[None], 0, self.group).view(self.size, *t.shape)
 
 
@@ -108,18 +112,19 @@ def shard_batch(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """This rank's slice of a step's batch (`input_ids`, `labels` [B, T]; cu_seqlens [N+1] with B = 1), and its
-    local document offsets; records the layout for the model's context-parallel mixers (`apply_cp`)."""
+    local document offsets, which carry the slice's layout for the model's context-parallel mixers (`apply_cp`)."""
     cp: ContextParallel = model.context_parallel
     B, T = input_ids.shape
     if T % cp.size:
         raise ValueError(f"context parallel: sequence length {T} must be divisible by cp={cp.size}")
     cu = cu_seqlens.tolist() if cu_seqlens is not None else None  # one host sync per micro-batch
-    cp.layout = layout = cp_layout(cu, T, B, cp.rank, cp.size)
+    layout = cp_layout(cu, T, B, cp.rank, cp.size)
     a, b = cp.rank * layout.local_len, (cp.rank + 1) * layout.local_len
     local_cu = None
     if cu is not None:
         inner = [c - a for c in cu if a < c < b]
         local_cu = torch.tensor([0, *inner, b - a], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        local_cu.cp_layout = layout
     return input_ids[:, a:b], None if labels is None else labels[:, a:b], local_cu
 
 
@@ -159,12 +164,16 @@ def _cp_forward(
 ) -> tuple[torch.Tensor, None]:
     if state is not None or use_cache:
         raise ValueError("context parallel runs training/evaluation forwards only (no state, no use_cache)")
-    if cp.layout is None:
-        raise ValueError("context parallel: pass the batch through linear_moe.parallel.cp.shard_batch first")
+    if cu_seqlens is None:  # whole rows, split evenly
+        lay = cp_layout(None, x.shape[1] * cp.size, x.shape[0], cp.rank, cp.size)
+    else:
+        lay = getattr(cu_seqlens, "cp_layout", None)
+        if lay is None:
+            raise ValueError("context parallel: packed batches must go through linear_moe.parallel.cp.shard_batch")
     run = functools.partial(forward, context=context)
     if isinstance(mixer, Attention):
-        return _attention_forward(mixer, run, cp, x, cu_seqlens), None
-    return _linear_forward(mixer, run, cp, x, cu_seqlens), None
+        return _attention_forward(mixer, run, cp, lay, x, cu_seqlens), None
+    return _linear_forward(mixer, run, cp, lay, x, cu_seqlens), None
 
 
 def _rows_state(carried: dict[str, torch.Tensor], zero: MixerState, packed: bool) -> dict[str, torch.Tensor]:
@@ -175,13 +184,13 @@ def _rows_state(carried: dict[str, torch.Tensor], zero: MixerState, packed: bool
     return {k: torch.cat([carried[k].to(v.dtype), v[1:]]) if k in carried else v for k, v in zero.items()}
 
 
-def _conv_carry(mixer: nn.Module, run, cp: ContextParallel, x: torch.Tensor) -> MixerState:
+def _conv_carry(mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor) -> MixerState:
     """The short-convolution states at this rank's first token: the mixer run on the previous rank's last W-1
     inputs of the same document (zeros where the document starts here). {} for a mixer without convolutions."""
     widths = {m.kernel_size for m in mixer.modules() if isinstance(m, ShortConvolution)}
     if not widths:
         return {}
-    lay, r = cp.layout, cp.rank
+    r = cp.rank
     w = max(widths) - 1
     if lay.local_len < w:
         raise ValueError(f"context parallel: each rank needs at least {w} tokens for the short convolutions")
@@ -195,12 +204,12 @@ def _conv_carry(mixer: nn.Module, run, cp: ContextParallel, x: torch.Tensor) -> 
 
 
 def _linear_forward(
-    mixer: nn.Module, run, cp: ContextParallel, x: torch.Tensor, cu_seqlens: torch.Tensor | None
+    mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor, cu_seqlens: torch.Tensor | None
 ) -> torch.Tensor:
-    lay, r = cp.layout, cp.rank
+    r = cp.rank
     packed = cu_seqlens is not None
     R = x.shape[0]
-    conv = _conv_carry(mixer, run, cp, x)
+    conv = _conv_carry(mixer, run, cp, lay, x)
     zero = mixer.init_state(R, x.device, x.dtype)
     H, K, V = zero["recurrent"].shape[1:]
     # 1. this rank's last document from a zero state and from identity blocks: S_final(0) and P
@@ -244,12 +253,12 @@ def _linear_forward(
 
 
 def _attention_forward(
-    mixer: Attention, run, cp: ContextParallel, x: torch.Tensor, cu_seqlens: torch.Tensor | None
+    mixer: Attention, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor, cu_seqlens: torch.Tensor | None
 ) -> torch.Tensor:
     """All-gather K/V: each rank's last document's keys (rotated to their positions in the document) and values,
     padded to the slice length; a rank takes those of its chain of earlier ranks as a KV cache for its first
     document."""
-    lay, r = cp.layout, cp.rank
+    r = cp.rank
     R, T = x.shape[:2]
     L = lay.last_len[r]
     _, st = run(x[:, T - L :], use_cache=True)
