@@ -121,6 +121,14 @@ def test_prompt_longer_than_the_kv_cache_is_a_one_line_error():
     assert len(gens[0].ids) == 4  # a pure linear stack has no cache to overflow
 
 
+def test_decode_benchmark_state_is_flat_for_linear_and_grows_for_softmax():
+    from linear_moe.generate.cuda_graph import benchmark_decode
+
+    linear = benchmark_decode(tiny_model("gla"), 2, [4, 40], steps=1, warmup=0)
+    hybrid = benchmark_decode(tiny_model("gla", "LLLN"), 2, [4, 40], steps=1, warmup=0)
+    assert linear[0]["state_MiB"] == linear[1]["state_MiB"] and hybrid[1]["state_MiB"] > hybrid[0]["state_MiB"]
+
+
 def greedy_by_full_forwards(model, prompt: list[int], n: int) -> list[int]:
     seq = list(prompt)
     for _ in range(n):

@@ -135,17 +135,19 @@ def generate(
     device: str = "auto",
     dtype: str = "auto",
     tokenizer: str | None = None,
+    cuda_graph: bool = False,
 ) -> Any:
     """Continue prompts with a trained model. CHECKPOINT is a checkpoint directory (or a run directory: its newest
     checkpoint). Prompts come from --prompt (repeatable), --prompts-file (one per line; - reads stdin) or stdin;
     one prompt streams to the terminal, several run as one batch. Ends with a tokens/s and memory line on stderr.
-    See docs/generation.md."""
+    --cuda-graph replays each decode step from a CUDA graph. See docs/generation.md."""
     from .generate.command import generation_config, read_prompts, run_generate
 
     config = generation_config(
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, eos, seed, max_seq_len, prefill_chunk
     )
-    return run_generate(checkpoint, read_prompts(prompt, prompts_file), config, device, dtype, tokenizer, chat)
+    prompts = read_prompts(prompt, prompts_file)
+    return run_generate(checkpoint, prompts, config, device, dtype, tokenizer, chat, cuda_graph)
 
 
 def evaluate(
@@ -214,6 +216,7 @@ def _add_inference_parsers(sub, fmt) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
+    p.add_argument("--cuda-graph", action="store_true", help="decode steps replayed from a CUDA graph (CUDA only)")
     p.set_defaults(
         run=lambda a: generate(
             a.checkpoint,
@@ -233,6 +236,7 @@ def _add_inference_parsers(sub, fmt) -> None:
             a.device,
             a.dtype,
             a.tokenizer,
+            a.cuda_graph,
         )
     )
 

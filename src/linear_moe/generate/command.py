@@ -40,12 +40,20 @@ def run_generate(
     dtype: str = "auto",
     tokenizer: str | None = None,
     chat: bool = False,
+    cuda_graph: bool = False,
 ) -> GenerationStats:
     """Generate for `prompts` and print: a single prompt streams (prompt, then the continuation as it comes);
     several print `[i] prompt+continuation` blocks at the end. The stats line goes to stderr."""
     from ..data import chat_prompt
 
     loaded = load_model(checkpoint, device, dtype, tokenizer)
+    step = None
+    if cuda_graph:
+        from .cuda_graph import CUDAGraphDecodeStep
+
+        if next(loaded.model.parameters()).device.type != "cuda":
+            raise ValueError("--cuda-graph needs the model on CUDA (--device cuda)")
+        step = CUDAGraphDecodeStep(loaded.model)
     tok = loaded.tokenizer
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p) for p in prompts]
     ids = [i or [tok.eos_id] for i in ids]  # an empty prompt starts a new document
@@ -58,6 +66,7 @@ def run_generate(
         config,
         tok,
         on_text=(lambda _n, text: print(text, end="", flush=True)) if stream else None,
+        step=step,
     )
     if stream:
         print()
