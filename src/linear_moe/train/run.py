@@ -25,10 +25,12 @@ import torch
 import yaml
 
 from ..config import ConfigError
+from ..parallel.config import run_layout
+from ..parallel.launch import distributed, is_rank0, rank0_first
 from . import checkpoint as ckpt
 from .config import RunConfig, build_run_config, load_run_config, run_config_dict, run_config_yaml
 from .logging import note
-from .trainer import Trainer
+from .trainer import Trainer, resolve_device
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -149,9 +151,12 @@ def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path:
         flops_per_token=_flops(cfg),
         extra_files={TOKENIZER_FILE: tokenizer_path},
     )
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ckpt.CONFIG).write_text(config_yaml)
+    if is_rank0():  # the one writing process under torchrun
+        run_dir = Path(cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ckpt.CONFIG).write_text(config_yaml)
+    if trainer.mesh is not None:
+        note(f"layout: {trainer.layout.describe()} on {trainer.device.type}")
     if (text := first_step_note(trainer.device.type, cfg.train.autotune)) is not None:
         note(text)
     return trainer
@@ -176,13 +181,14 @@ def _finish(cfg: RunConfig, trainer: Trainer, summary: dict[str, Any], tokenizer
     """After training: the plots, the summary line, a sample (each on its own; the sample runs on every rank, since
     a sharded model needs them all, and rank 0 prints)."""
     tc = cfg.train
-    if tc.plot:
+    if tc.plot and is_rank0():
         _plot(Path(tc.run_dir))
-    if (line := summary_line(summary)) is not None:
+    if (line := summary_line(summary)) is not None and is_rank0():
         print(line)
     if tc.sample_prompt and tc.sample_tokens > 0:
         text = _sample(tc, trainer.model, tokenizer_path, chat)
-        print(f"sample: {tc.sample_prompt}{text}" if not chat else f"sample ({tc.sample_prompt!r}): {text}")
+        if is_rank0():
+            print(f"sample: {tc.sample_prompt}{text}" if not chat else f"sample ({tc.sample_prompt!r}): {text}")
 
 
 def _plot(run_dir: Path) -> None:
@@ -225,17 +231,20 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
         from ..hf import run_config_from_hf
 
         cfg = run_config_from_hf(cfg)
-    resume_from = resolve_resume(cfg)
-    data_dir = ensure_dataset(cfg)
-    ds = PackedDataset(data_dir, cfg.data.seq_len, cfg.data.micro_batch_size, cfg.data.seed)
-    cfg = _with_vocab(cfg, ds.vocab_size)
-    trainer = _build_trainer(cfg, ds, resume_from, data_dir / TOKENIZER_FILE)
-    note(describe(cfg, ds.num_tokens))
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        note(f"resumed from {resume_from} at step {trainer.step}")
-    summary = trainer.fit()
-    _finish(cfg, trainer, summary, data_dir / TOKENIZER_FILE, chat=False)
+    with distributed(resolve_device(cfg.train.device).type):
+        rows = cfg.data.micro_batch_size // run_layout(cfg).dp  # each data-parallel rank's share
+        with rank0_first():  # under torchrun, rank 0 prepares the data before the others look
+            resume_from = resolve_resume(cfg)
+            data_dir = ensure_dataset(cfg)
+        ds = PackedDataset(data_dir, cfg.data.seq_len, rows, cfg.data.seed)
+        cfg = _with_vocab(cfg, ds.vocab_size)
+        trainer = _build_trainer(cfg, ds, resume_from, data_dir / TOKENIZER_FILE)
+        note(describe(cfg, ds.num_tokens))
+        if resume_from is not None:
+            trainer.resume(resume_from)
+            note(f"resumed from {resume_from} at step {trainer.step}")
+        summary = trainer.fit()
+        _finish(cfg, trainer, summary, data_dir / TOKENIZER_FILE, chat=False)
     return summary
 
 
@@ -279,10 +288,15 @@ def load_finetune_config(config: str | None, from_checkpoint: str, overrides: li
 
 def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str]) -> dict[str, Any]:
     """`linear-moe finetune`: SFT from a checkpoint with a fresh optimizer (loss on response tokens only)."""
+    cfg = load_finetune_config(config, from_checkpoint, overrides)
+    with distributed(resolve_device(cfg.train.device).type):
+        return _finetune(cfg, Path(from_checkpoint))
+
+
+def _finetune(cfg: RunConfig, source: Path) -> dict[str, Any]:
     from ..data import SFTDataset
 
-    cfg = load_finetune_config(config, from_checkpoint, overrides)
-    source = Path(from_checkpoint)
+    rows = cfg.data.micro_batch_size // run_layout(cfg).dp  # each data-parallel rank's share
     resume_from = resolve_resume(cfg)
     ft = cfg.finetune
     if not ft.data:
@@ -294,7 +308,7 @@ def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str
         ft.data,
         tokenizer_path,
         cfg.data.seq_len,
-        cfg.data.micro_batch_size,
+        rows,
         cfg.data.seed,
         prompt_key=ft.prompt_key,
         response_key=ft.response_key,
