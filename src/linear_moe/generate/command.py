@@ -93,7 +93,7 @@ def generation_config(
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         sampling=SamplingParams(temperature, top_k, top_p, repetition_penalty),
-        stop=tuple(stop or ()),
+        stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or ()),  # --stop "\\n\\n": newlines
         stop_at_eos=eos,
         seed=seed,
         prefill_chunk=prefill_chunk,
