@@ -206,7 +206,7 @@ def test_corrupt_checkpoints(trained_run, tmp_path):
     for f in shards.glob("*.distcp"):
         f.unlink()
     res = cli("train", *common[:2], f"train.resume={shards}", "train.steps=5")
-    assert_usage_error(res, f"checkpoint {shards}: cannot be loaded")
+    assert_usage_error(res, f"checkpoint {shards}: incomplete or corrupt (missing __0_0.distcp)")
 
 
 def test_plot_needs_a_run_dir(tmp_path):

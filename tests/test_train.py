@@ -284,3 +284,160 @@ def test_first_step_note_on_cuda_only():
     assert first_step_note("cpu", "full") is None
     assert "train.autotune=few" in first_step_note("cuda", "full")
     assert "train.autotune=one" in first_step_note("cuda", "one")
+
+
+# ---------------------------------------------------------------------------------------------- runs never lose work
+
+RUN_ARGS = [*TINY_MODEL, "data.seq_len=32", "data.micro_batch_size=2", "train.warmup=1", "train.log_every=1"]
+RUN_ARGS += ["train.eval_every=0", "train.eval_batches=1", "train.progress=false", "train.tensorboard=false"]
+RUN_ARGS += ["train.plot=false", "train.sample_tokens=0"]
+
+
+def run(run_dir: Path, data: Path, *overrides: str) -> dict:
+    """`linear-moe train` in this process on the tiny data."""
+    from linear_moe.train.run import run_training
+
+    return run_training(None, [*RUN_ARGS, f"data.path={data}", f"train.run_dir={run_dir}", *overrides])
+
+
+def _steps(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    from linear_moe.train.logging import read_metrics
+
+    return [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def test_corrupt_checkpoint_fallback_and_rollback(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run(run_dir, tiny_data, "train.steps=4", "train.save_every=2", "train.keep_last=2")
+    assert _steps(run_dir) == ["step-0000002", "step-0000004"]
+    shard = next((run_dir / "checkpoints" / "step-0000004").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[64:128] = bytes(b ^ 0xFF for b in data[64:128])  # flipped bytes inside the weights
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    run(run_dir, tiny_data, "train.steps=4", "train.keep_last=2", "train.resume=auto")
+    err = capsys.readouterr().err
+    assert "step-0000004: corrupt" in err and "resuming from step-0000002" in err, err
+    assert "step-0000002 at step 2" in err
+    (corrupt,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert [p.name for p in corrupt.glob("step-*")] == ["step-0000004"]
+    assert _steps(run_dir) == ["step-0000002", "step-0000004"]  # step 4 trained again from step 2
+
+    older = run_dir / "checkpoints" / "step-0000002"  # a rollback into the same run dir
+    run(run_dir, tiny_data, "train.steps=3", "train.keep_last=1", f"train.resume={older}")
+    assert "rolling back to step 2" in capsys.readouterr().err
+    assert _steps(run_dir) == ["step-0000003"]  # the one just written is kept; keep_last pruned step 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    (rolled,) = set((run_dir / "checkpoints").glob("abandoned-*")) - {corrupt}
+    assert sorted(p.name for p in rolled.iterdir()) == ["metrics.jsonl", "step-0000004"]
+    assert _train_steps(run_dir) == [1, 2, 3]  # redone and abandoned steps are logged once
+
+
+def test_second_run_in_a_locked_run_dir_is_refused(tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from linear_moe.config import ConfigError
+    from linear_moe.train.run import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        with pytest.raises(ConfigError, match=r"run directory .* is in use by another linear-moe run"):
+            run(run_dir, tiny_data, "train.steps=1")
+    assert not run_dir.exists()  # a failed run leaves no empty run dir behind
+    run_dir.mkdir()
+    holder = subprocess.Popen(  # another process holds the lock, then dies by SIGKILL
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(run_dir)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match="is in use"), lock_run_dir(run_dir):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    (run_dir / ".data.tmp-12345").mkdir()  # a killed on-the-fly prepare's leftover does not block the run dir
+    run(run_dir, tiny_data, "train.steps=1")
+    assert _steps(run_dir) == ["step-0000001"] and not (run_dir / ".data.tmp-12345").exists()
+
+
+def test_run_dir_that_is_a_file(tiny_data, tmp_path):
+    from linear_moe.config import ConfigError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"train.run_dir=.*f is a file; choose a directory path"):
+        run(tmp_path / "f", tiny_data, "train.steps=1")
+    with pytest.raises(ConfigError, match=r"train.run_dir=.*f/sub is under .*f, which is a file"):
+        run(tmp_path / "f" / "sub", tiny_data, "train.steps=1")
+
+
+def test_finetune_checks_the_weights_before_writing(tiny_data, tmp_path):
+    """A finetune checkpoint whose weights do not fit its config fails before the run dir gets a config.yaml."""
+    import json
+
+    from linear_moe.train import checkpoint as ckpt
+    from linear_moe.train.run import run_finetuning
+
+    run(tmp_path / "pre", tiny_data, "train.steps=1")
+    source = tmp_path / "pre" / "checkpoints" / "step-0000001"
+    cfg_text = (source / "config.yaml").read_text()
+    assert "  hidden_size: 32\n" in cfg_text
+    (source / "config.yaml").write_text(cfg_text.replace("  hidden_size: 32\n", "  hidden_size: 64\n"))
+    meta = json.loads((source / "meta.json").read_text())  # keep the manifest consistent: only the shapes differ
+    meta["files"]["config.yaml"] = {
+        "size": (source / "config.yaml").stat().st_size,
+        "blake2b": ckpt.file_digest(source / "config.yaml"),
+    }
+    (source / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "Say one.", "response": "one, the fox."}) + "\n")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be loaded into this model"):
+        run_finetuning(
+            None,
+            str(source),
+            [
+                f"train.run_dir={tmp_path / 'sft'}",
+                f"finetune.data={tmp_path / 'chat.jsonl'}",
+                "data.seq_len=16",
+                "data.micro_batch_size=1",
+                "train.progress=false",
+            ],
+        )
+    assert not (tmp_path / "sft" / "config.yaml").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_data, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [*RUN_ARGS, f"data.path={tiny_data}", f"train.run_dir={run_dir}", "train.steps=100000", "train.warmup=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "linear_moe", "train", *args], stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM after step ") and "continue with train.resume=auto" in last, err
+    step = int(last.split("after step ")[1].split(";")[0])
+    saved = run_dir / "checkpoints" / f"step-{step:07d}"
+    assert f"checkpoint {saved}" in last and json.loads((saved / "meta.json").read_text())["step"] == step
+    assert _train_steps(run_dir)[-1] == step

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.options import add_bench_parsers
+from .train.interrupt import Interrupted
 from .train.logging import note
 
 EXIT_USAGE = 2
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:  # a run stopped by SIGINT/SIGTERM after saving a checkpoint
+        note(str(e))
+        return e.exit_code
     except KeyboardInterrupt:
         note("interrupted")
         return 130

@@ -35,6 +35,7 @@ __all__ = [
     "apply_overrides",
     "merge_overrides",
     "to_yaml",
+    "check_directory_path",
 ]
 
 
@@ -295,3 +296,15 @@ def merge_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = child
         node[parts[-1]] = value
     return out
+
+
+def check_directory_path(path: str | Path, key: str) -> None:
+    """A config value `key` naming a directory to create or use: one-line ConfigError when `path`, or a folder
+    above it, is an existing file (instead of the OS's errno text later)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is under {p}, which is a file"
+                raise ConfigError(f"{key}={path} {what}; choose a directory path")
+            return

@@ -141,11 +141,12 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_run_yaml(path: str | Path) -> dict[str, Any]:
+    """The sections of run config file `path`, its relative input paths looked up next to it first."""
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, finetune)")
-    return raw
+    return resolve_input_paths(raw, Path(path).parent)
 
 
 def _moe_preset(family: Any, fields: dict[str, Any]) -> MoEConfig:
@@ -248,8 +249,7 @@ def config_notes(cfg: RunConfig) -> list[str]:
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a run config from YAML `path` (None: the built-in default run) and apply `overrides`."""
-    raw = resolve_input_paths(_read_yaml(path), Path(path).parent) if path is not None else {}
-    return build_run_config(raw, list(overrides))
+    return build_run_config(read_run_yaml(path) if path is not None else {}, list(overrides))
 
 
 def run_config_dict(cfg: RunConfig) -> dict[str, Any]:

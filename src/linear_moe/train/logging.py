@@ -5,6 +5,10 @@ Each call to `RunLogger.log(step, record)` appends one JSON line to `run_dir/met
 `[layers][experts]` list of fractions) and sends the scalars to TensorBoard (`run_dir/tb`, when
 `tensorboard` is installed) and W&B (when `wandb` is installed and a project is set). Optional
 backends that are missing are skipped with a one-line note.
+
+A logger that starts at step S > 0 (a resumed run) first drops the records after step S from
+`metrics.jsonl` (they belong to steps that are redone), and one that starts at step 0 drops them all, so
+the file holds each step once.
 """
 
 from __future__ import annotations
@@ -26,12 +30,48 @@ def note(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+def _parse_records(path: Path) -> list[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record or None when the line is not a JSON object with a step, line) of a metrics file."""
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            record = None
+        out.append((lineno, record, line))
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of `run_dir/metrics.jsonl` in order."""
+    """All records of `run_dir/metrics.jsonl` in order. A cut-off last line (a run killed while writing) is
+    skipped; any other bad line is a one-line ValueError naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir} (is it a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    parsed = _parse_records(path)
+    for i, (lineno, record, _) in enumerate(parsed):
+        if record is None and i < len(parsed) - 1:
+            raise ValueError(f"{path}:{lineno}: not a metrics record (expected a JSON object with a step)")
+    return [record for _, record, _ in parsed if record is not None]
+
+
+def _drop_redone(path: Path, start_step: int) -> None:
+    """Keep the records of steps <= `start_step` (none when it is 0) and drop a cut-off line; atomic rewrite."""
+    if not path.is_file():
+        return
+    parsed = _parse_records(path)
+    keep = [
+        line for _, record, line in parsed if record is not None and start_step > 0 and record["step"] <= start_step
+    ]
+    if len(keep) == len(parsed):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -50,6 +90,7 @@ class RunLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_redone(self.run_dir / METRICS_FILE, start_step)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
         self._tb = self._open_tensorboard() if tensorboard else None
         self._wandb = self._open_wandb(wandb_project, config) if wandb_project else None

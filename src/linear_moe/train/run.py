@@ -11,25 +11,42 @@ Run directory (`train.run_dir`):
     loss.png, expert_load.png
 
 A new run (`train.resume=none`) refuses a non-empty run directory; `train.resume=auto` continues
-from the newest complete checkpoint (or starts fresh when there is none) and refuses a run directory
-whose stored config has a different model or data section.
+from the newest checkpoint that verifies (or starts fresh when there is none) and refuses a run directory
+whose stored config has a different model or data section. A run holds an exclusive lock on its run
+directory (`flock`, released by the kernel when the process ends, however it ends), so a second run
+into the same directory stops with one line. Everything is checked (config, data, model, the checkpoint
+to load) before the run directory's config.yaml is written or a checkpoint is moved. Resuming from a
+checkpoint older than others in the run directory (a rollback), or past newer ones that fail
+verification, moves those newer ones to `checkpoints/abandoned-<time>/` (with a copy of metrics.jsonl).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, check_directory_path
 from ..parallel.config import run_layout
 from ..parallel.launch import distributed, is_rank0, rank0_first
 from . import checkpoint as ckpt
-from .config import RunConfig, build_run_config, load_run_config, run_config_dict, run_config_yaml
-from .logging import note
+from .config import (
+    RunConfig,
+    build_run_config,
+    config_notes,
+    load_run_config,
+    read_run_yaml,
+    run_config_dict,
+    run_config_yaml,
+)
+from .logging import METRICS_FILE, note
 from .trainer import Trainer, resolve_device
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -55,22 +72,86 @@ def check_same_model_and_data(stored_yaml: str, cfg: RunConfig, where: str, sect
         raise ConfigError(f"{where} was written with a different config: {diffs[0]}{more}; use a new train.run_dir")
 
 
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (created if needed) while the block runs; a second process gets a
+    one-line ConfigError. The lock is `flock` on the directory itself: nothing is left behind, and the kernel
+    releases it when the process ends, also after kill -9. Only the writing process (RANK 0) locks."""
+    run_dir = Path(run_dir)
+    check_directory_path(run_dir, "train.run_dir")
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        fcntl = None
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"run directory {run_dir} is in use by another linear-moe run; wait for it to end or choose "
+                "another train.run_dir"
+            ) from None
+        _clean_prepare_leftovers(run_dir)
+        yield
+    finally:
+        if created:  # a run that failed before writing anything leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        os.close(fd)
+
+
+def _clean_prepare_leftovers(run_dir: Path) -> None:
+    """Temporary directories of an on-the-fly `prepare` that was killed (only safe while holding the lock)."""
+    for p in list(run_dir.glob(".data.tmp-*")) + list(run_dir.glob(".data.old-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def resolve_resume(cfg: RunConfig) -> Path | None:
-    """The checkpoint to continue from (None: start fresh); refuses to overwrite an existing run."""
+    """The checkpoint to continue from (None: start fresh); refuses to overwrite an existing run. Under
+    `train.resume=auto`, the newest checkpoint that verifies (saying which newer ones did not)."""
     run_dir, resume = Path(cfg.train.run_dir), cfg.train.resume
     if resume == "none":
         # a run directory holding only the data prepared by an earlier attempt is still free
-        if run_dir.exists() and (not run_dir.is_dir() or any(p.name != "data" for p in run_dir.iterdir())):
+        if run_dir.is_dir() and any(p.name != "data" for p in run_dir.iterdir()):
             raise ConfigError(
                 f"run directory {run_dir} is not empty; continue it with train.resume=auto or choose a new "
                 "train.run_dir"
             )
         return None
+    ckpt_root = run_dir / ckpt.CKPT_DIRNAME
+    ckpt.clean_leftovers(ckpt_root)
     if resume == "auto":
-        return ckpt.find_latest(run_dir / ckpt.CKPT_DIRNAME)
+        path, skipped = ckpt.find_verified(ckpt_root)
+        if skipped:
+            more = f" (and {len(skipped) - 1} newer ones)" if len(skipped) > 1 else ""
+            start = f"resuming from {path.name}" if path is not None else "starting fresh"
+            note(f"note: {skipped[-1][1]}{more}; {start}; it is moved to {ckpt_root}/{ckpt.ABANDONED}<time>/")
+        return path
     path = Path(resume)
-    ckpt.read_meta(path)
+    ckpt.verify_checkpoint(path)
     return path
+
+
+def _set_aside_newer(cfg: RunConfig, resume_from: Path | None) -> None:
+    """Move the run directory's checkpoints newer than the one resumed (a rollback, or ones that failed
+    verification) to checkpoints/abandoned-<time>/, with a copy of metrics.jsonl: the new timeline starts here."""
+    run_dir = Path(cfg.train.run_dir)
+    step = ckpt.read_meta(resume_from)["step"] if resume_from is not None else -1
+    newer = ckpt.newer_than(run_dir / ckpt.CKPT_DIRNAME, step)
+    dest = ckpt.set_aside(run_dir / ckpt.CKPT_DIRNAME, newer)
+    if dest is None:
+        return
+    if (run_dir / METRICS_FILE).is_file():
+        shutil.copyfile(run_dir / METRICS_FILE, dest / METRICS_FILE)
+    if cfg.train.resume != "auto":  # resolve_resume said why under auto
+        names = ", ".join(p.name for p in newer)
+        note(f"note: rolling back to step {step}: the newer checkpoints ({names}) are moved to {dest}")
 
 
 def ensure_dataset(cfg: RunConfig) -> Path:
@@ -137,29 +218,36 @@ def first_step_note(device_type: str, autotune: str) -> str | None:
 
 
 def _build_trainer(cfg: RunConfig, ds, resume_from: Path | None, tokenizer_path: Path) -> Trainer:
-    """Build the model and its Trainer, then write the run directory's config (shared by pretraining and
-    finetuning). A config that cannot build (bad head count, no CUDA, ...) fails before anything is written, so
-    the same run_dir works again once it is fixed."""
+    """Build the model and its Trainer (shared by pretraining and finetuning); nothing is written yet."""
     _check_run_dir(cfg, resume_from)
-    config_yaml = run_config_yaml(cfg)
-    trainer = Trainer(
+    return Trainer(
         cfg,
         build_model(cfg, fresh=resume_from is None),
         ds,
         ds.val,
-        config_yaml=config_yaml,
+        config_yaml=run_config_yaml(cfg),
         flops_per_token=_flops(cfg),
         extra_files={TOKENIZER_FILE: tokenizer_path},
     )
+
+
+def _start(cfg: RunConfig, trainer: Trainer, resume_from: Path | None) -> None:
+    """Load the checkpoint to continue from (all checks done), then commit to the run: set newer checkpoints
+    aside, write the run directory's config.yaml. A failure before this leaves the run directory as it was."""
+    if resume_from is not None:
+        trainer.resume(resume_from)
     if is_rank0():  # the one writing process under torchrun
+        _set_aside_newer(cfg, resume_from)
         run_dir = Path(cfg.train.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ckpt.CONFIG).write_text(config_yaml)
+        (run_dir / ckpt.CONFIG).write_text(trainer.config_yaml)
     if trainer.mesh is not None:
         note(f"layout: {trainer.layout.describe()} on {trainer.device.type}")
-    if (text := first_step_note(trainer.device.type, cfg.train.autotune)) is not None:
-        note(text)
-    return trainer
+    if resume_from is not None:
+        note(f"resumed from {resume_from} at step {trainer.step}")
+    for text in config_notes(cfg) + [first_step_note(trainer.device.type, cfg.train.autotune)]:
+        if text is not None:
+            note(text)
 
 
 def _flops(cfg: RunConfig) -> float | None:
@@ -231,7 +319,7 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
         from ..hf import run_config_from_hf
 
         cfg = run_config_from_hf(cfg)
-    with distributed(resolve_device(cfg.train.device).type):
+    with distributed(resolve_device(cfg.train.device).type), lock_run_dir(Path(cfg.train.run_dir)):
         rows = cfg.data.micro_batch_size // run_layout(cfg).dp  # each data-parallel rank's share
         with rank0_first():  # under torchrun, rank 0 prepares the data before the others look
             resume_from = resolve_resume(cfg)
@@ -240,9 +328,7 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
         cfg = _with_vocab(cfg, ds.vocab_size)
         trainer = _build_trainer(cfg, ds, resume_from, data_dir / TOKENIZER_FILE)
         note(describe(cfg, ds.num_tokens))
-        if resume_from is not None:
-            trainer.resume(resume_from)
-            note(f"resumed from {resume_from} at step {trainer.step}")
+        _start(cfg, trainer, resume_from)
         summary = trainer.fit()
         _finish(cfg, trainer, summary, data_dir / TOKENIZER_FILE, chat=False)
     return summary
@@ -273,11 +359,9 @@ def _check_batches(ds: Any, what: str) -> None:
 
 def load_finetune_config(config: str | None, from_checkpoint: str, overrides: list[str]) -> RunConfig:
     """Model section from the checkpoint; data/train/finetune from CONFIG and overrides."""
-    from .config import _read_yaml
-
     source = Path(from_checkpoint)
     stored = yaml.safe_load(ckpt.read_config_text(source)) or {}
-    raw = _read_yaml(config) if config is not None else {}
+    raw = read_run_yaml(config) if config is not None else {}
     if raw.get("model") or any(o.split("=", 1)[0].startswith("model.") for o in overrides):
         raise ConfigError(f"finetune takes the model from the checkpoint {source}; remove the model settings")
     raw["model"] = {**stored.get("model", {}), "init_from": None}  # the weights come from the checkpoint
@@ -289,7 +373,7 @@ def load_finetune_config(config: str | None, from_checkpoint: str, overrides: li
 def run_finetuning(config: str | None, from_checkpoint: str, overrides: list[str]) -> dict[str, Any]:
     """`linear-moe finetune`: SFT from a checkpoint with a fresh optimizer (loss on response tokens only)."""
     cfg = load_finetune_config(config, from_checkpoint, overrides)
-    with distributed(resolve_device(cfg.train.device).type):
+    with distributed(resolve_device(cfg.train.device).type), lock_run_dir(Path(cfg.train.run_dir)):
         return _finetune(cfg, Path(from_checkpoint))
 
 
@@ -318,11 +402,10 @@ def _finetune(cfg: RunConfig, source: Path) -> dict[str, Any]:
     if ds.val is not None:
         _check_batches(ds.val, "the validation split (finetune.val_fraction)")
     trainer = _build_trainer(cfg, ds, resume_from, tokenizer_path)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        note(f"resumed from {resume_from} at step {trainer.step}")
-    else:
+    if resume_from is None:  # the weights must fit before anything is written
         ckpt.load_checkpoint(source, trainer.model, optimizer=None, restore_rng_state=False)
+    _start(cfg, trainer, resume_from)
+    if resume_from is None:
         note(f"finetuning from {source} ({ds.num_tokens:,} tokens in {len(ds.examples)} examples)")
     summary = trainer.fit()
     _finish(cfg, trainer, summary, tokenizer_path, chat=True)

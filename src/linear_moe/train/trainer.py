@@ -33,6 +33,8 @@ from ..parallel import ParallelConfig, build_mesh, moe_layers, parallelize
 from ..parallel.config import run_layout
 from ..parallel.grads import clip_grad_norm_
 from . import checkpoint as ckpt
+from .config import RunConfig
+from .interrupt import Interrupted, StopSignals
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
 from .optim import build_optimizer, set_lr
@@ -86,7 +88,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: RunConfig,
         model: nn.Module,
         data: BatchSource,
         val_data: BatchSource | None = None,
@@ -300,6 +302,7 @@ class Trainer:
         last_ckpt, val_loss = None, None
         t_start = t_window = time.perf_counter()
         tokens_window = 0
+        stop = StopSignals().install()  # SIGINT/SIGTERM: finish the step, save, raise Interrupted
         try:
             if self.step == 0 and tc.eval_every:  # the starting point of the validation curve
                 val_loss = self.evaluate()
@@ -326,9 +329,12 @@ class Trainer:
                     if val_loss is not None:
                         self._log(logger, {"split": "val", "loss": val_loss})
                         logger.write(f"step {self.step}: train loss {res.loss:.3f}, val loss {val_loss:.3f}")
-                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end:
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end or stop.signum is not None:
                     last_ckpt = self.save()
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, self.step, last_ckpt)
         finally:
+            stop.restore()
             logger.close()
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         return {
