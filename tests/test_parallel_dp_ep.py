@@ -59,6 +59,7 @@ def run_config(case: str, run_dir: str, layout: dict) -> RunConfig:
     model = ModelConfig(VOCAB, 32, 2, 2, mixer, layer_pattern=pattern, moe=moe, max_seq_len=64)
     train = TrainConfig(
         steps=STEPS,
+        grad_accum=2,  # the global target count and the aux weights span micro-batches and ranks
         lr=3e-3,
         min_lr=3e-4,
         warmup=1,
