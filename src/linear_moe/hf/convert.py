@@ -162,14 +162,13 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write checkpoint (or run directory) `checkpoint` as a Hugging Face directory `out`; returns `out`."""
-    model, path = load_checkpoint_model(checkpoint)
+def save_hf(
+    model: LinearMoEForCausalLM, out: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write `model` (and `tokenizer`, a tokenizer.json) as a Hugging Face directory `out`; returns `out`."""
     cfg = model.cfg
-    tok_path = path / TOKENIZER_JSON
-    info = tokenizer_info(tok_path, cfg.vocab_size) if tok_path.is_file() else None
-    if hasattr(cfg, "init_from"):
-        cfg = cfg.replace(init_from=None)  # the weights are in the export; the source directory is not needed
+    info = tokenizer_info(Path(tokenizer), cfg.vocab_size) if tokenizer is not None else None
+    cfg = cfg.replace(init_from=None)  # the weights are in the export; the source directory is not needed
     eos_id = info["eos_id"] if info else None
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / CONFIG_JSON, hf_config_dict(cfg, eos_id))
@@ -179,10 +178,17 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
         )
         save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if info is not None:
-            write_tokenizer(tmp, tok_path, info, cfg.max_seq_len)
+            write_tokenizer(tmp, Path(tokenizer), info, cfg.max_seq_len)
         for name, text in SHIMS.items():
             (tmp / name).write_text(text)
     return Path(out)
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write checkpoint (or run directory) `checkpoint` with its tokenizer as a Hugging Face directory `out`."""
+    model, path = load_checkpoint_model(checkpoint)
+    tokenizer = path / TOKENIZER_JSON
+    return save_hf(model, out, tokenizer if tokenizer.is_file() else None, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- import
