@@ -101,7 +101,8 @@ def test_two_concurrent_streams_share_decode_steps(server):
     async def run():
         async with aiohttp.ClientSession() as s:
             body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
-            first = asyncio.create_task(stream(s, f"{url}/v1/completions", {**body, "prompt": prompts[0]}))
+            long = {**body, "prompt": prompts[0], "max_tokens": 120}  # still running when the second one arrives
+            first = asyncio.create_task(stream(s, f"{url}/v1/completions", long))
             while engine.active == 0:  # the second request joins a running batch
                 await asyncio.sleep(0.01)
             second = await stream(s, f"{url}/v1/completions", {**body, "prompt": prompts[1]})
@@ -110,8 +111,8 @@ def test_two_concurrent_streams_share_decode_steps(server):
     engine.stats["max_batch"] = 0
     results = asyncio.run(run())
     assert engine.stats["max_batch"] == 2
-    for prompt, (chunks, done) in zip(prompts, results, strict=True):
-        assert done and "".join(c["choices"][0]["text"] for c in chunks) == greedy(loaded, tok.encode(prompt), 24)
+    for prompt, n, (chunks, done) in zip(prompts, (120, 24), results, strict=True):
+        assert done and "".join(c["choices"][0]["text"] for c in chunks) == greedy(loaded, tok.encode(prompt), n)
 
 
 def test_client_disconnecting_mid_stream_leaves_the_batch(server):
@@ -128,7 +129,9 @@ def test_client_disconnecting_mid_stream_leaves_the_batch(server):
             await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as s:  # the server still answers
             status, res = await post(s, f"{url}/v1/completions", {"prompt": "A", "max_tokens": 3, "temperature": 0})
-            return status, res
+        while engine.active and time.monotonic() < deadline:  # the engine thread drops the finished row
+            await asyncio.sleep(0.05)
+        return status, res
 
     status, res = asyncio.run(run())
     assert engine.stats["cancelled"] == cancelled + 1 and engine.active == 0

@@ -180,25 +180,15 @@ def evaluate(
     )
 
 
-def serve(
-    checkpoint: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 16,
-    max_seq_len: int = 2048,
-    device: str = "auto",
-    dtype: str = "auto",
-    seed: int = 0,
-) -> None:
-    """Serve a checkpoint over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions (stream: true
-    for server-sent events), GET /v1/models. Concurrent requests are batched at every decode step; --max-seq-len
-    is the KV-cache size of softmax layers per request. Needs the serve extra (aiohttp). See docs/generation.md."""
-    from .serve import serve as run_server
-
-    run_server(checkpoint, host, port, max_batch, max_seq_len, device, dtype, seed)
+def _call(fn):
+    """`run` for a parser whose option names are `fn`'s parameter names."""
+    names = list(inspect.signature(fn).parameters)
+    return lambda a: fn(**{n: getattr(a, n) for n in names})
 
 
 def _add_inference_parsers(sub, fmt) -> None:
+    from .serve import serve  # its signature and docstring are the command's (the package imports nothing heavy)
+
     p = sub.add_parser("generate", help=_summary(generate), description=_doc(generate), formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -218,28 +208,7 @@ def _add_inference_parsers(sub, fmt) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--cuda-graph", action="store_true", help="decode steps replayed from a CUDA graph (CUDA only)")
-    p.set_defaults(
-        run=lambda a: generate(
-            a.checkpoint,
-            a.prompt,
-            a.prompts_file,
-            a.chat,
-            a.max_new_tokens,
-            a.temperature,
-            a.top_k,
-            a.top_p,
-            a.repetition_penalty,
-            a.stop,
-            a.eos,
-            a.seed,
-            a.max_seq_len,
-            a.prefill_chunk,
-            a.device,
-            a.dtype,
-            a.tokenizer,
-            a.cuda_graph,
-        )
-    )
+    p.set_defaults(run=_call(generate))
 
     p = sub.add_parser("eval", help=_summary(evaluate), description=_doc(evaluate), formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -254,22 +223,7 @@ def _add_inference_parsers(sub, fmt) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and generation (default 0)")
-    p.set_defaults(
-        run=lambda a: evaluate(
-            a.checkpoint,
-            a.tasks,
-            a.include_path,
-            a.builtin_tasks,
-            a.num_fewshot,
-            a.limit,
-            a.batch_size,
-            a.perplexity,
-            a.out,
-            a.device,
-            a.dtype,
-            a.seed,
-        )
-    )
+    p.set_defaults(run=_call(evaluate))
 
     p = sub.add_parser("serve", help=_summary(serve), description=_doc(serve), formatter_class=fmt)
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -280,9 +234,7 @@ def _add_inference_parsers(sub, fmt) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.set_defaults(
-        run=lambda a: serve(a.checkpoint, a.host, a.port, a.max_batch, a.max_seq_len, a.device, a.dtype, a.seed)
-    )
+    p.set_defaults(run=_call(serve))
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -420,4 +372,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate", "evaluate", "serve"]
+__all__ = ["main", "prepare", "train", "finetune", "plot", "convert", "bench", "generate", "evaluate"]

@@ -75,10 +75,7 @@ def run_tasks(
         task_manager=manager,
         log_samples=False,
         bootstrap_iters=1000,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
+        **dict.fromkeys(("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), seed),
     )
     report = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot") if k in results}
     report["checkpoint"] = str(loaded.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from linear_moe.layers.norm import RMSNorm
 from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec
@@ -78,14 +78,9 @@ class Attention(Mixer):
         kv = StateSpec((self.num_kv_heads, max_seq_len, self.head_dim), None)
         return {"k": kv, "v": kv, "valid": StateSpec((max_seq_len,), torch.bool)}
 
-    def init_state(
-        self,
-        batch_size: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        max_seq_len: int | None = None,
-    ) -> MixerState:
-        """An empty KV cache of `max_seq_len` slots per row (no valid slot: equivalent to `state=None`)."""
+    def init_state(self, batch_size: int, device=None, dtype=None, max_seq_len: int | None = None) -> MixerState:
+        """An empty KV cache of `max_seq_len` slots per row (no valid slot: equivalent to `state=None`); `device` and
+        `dtype` (of k and v) default to the parameters'."""
         if max_seq_len is None or max_seq_len < 1:
             raise ValueError(f"Attention.init_state: max_seq_len must be a positive number of slots, got {max_seq_len}")
         p = next(self.parameters())
@@ -99,14 +94,7 @@ class Attention(Mixer):
         super().check_call(x, None, cu_seqlens)
         self._check_state(x, state, cu_seqlens)
 
-    def mix(
-        self,
-        x: torch.Tensor,
-        state: MixerState | None,
-        cu_seqlens: torch.Tensor | None,
-        keep: bool,
-        context: MixerContext | None = None,
-    ) -> tuple[torch.Tensor, MixerState]:
+    def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q_BTHD = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k_BTGD = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v_BTGD = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))

@@ -16,7 +16,9 @@ def serve(
     dtype: str = "auto",
     seed: int = 0,
 ) -> None:
-    """Load the checkpoint and serve it until interrupted."""
+    """Serve a checkpoint over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions (stream: true
+    for server-sent events), GET /v1/models. Concurrent requests are batched at every decode step; --max-seq-len
+    is the KV-cache size of softmax layers per request. Needs the serve extra (aiohttp). See docs/generation.md."""
     try:
         from aiohttp import web
     except ImportError:

@@ -139,8 +139,10 @@ async def _stream(request, req: Request, events: asyncio.Queue, meta, kind: str,
                 break
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
-        req.cancel()  # the client went away: its row leaves the batch
+    except ConnectionResetError:  # the client went away: its row leaves the batch at the next step
+        req.cancel()
+    except asyncio.CancelledError:
+        req.cancel()
         raise
     return resp
 
