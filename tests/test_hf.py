@@ -1,6 +1,6 @@
 """Hugging Face export / import (`linear-moe convert`): an exported tiny model of every MoE family with a linear,
 a hybrid and a softmax stack loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` in a
-fresh process with our logits and our greedy tokens (reference: full forwards of our model, no cache);
+fresh process with our logits and our greedy tokens (full forwards of our model, and `linear-moe generate`'s engine);
 import round-trips exactly; bad inputs are one-line errors that write nothing."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from linear_moe.cli import main
 from linear_moe.data import Tokenizer
+from linear_moe.generate.engine import GenerationConfig, generate
 from linear_moe.hf import HFError, export_hf, import_hf, load_checkpoint_model, save_hf
 from linear_moe.model import LinearMoEForCausalLM, get_preset
 from linear_moe.train import checkpoint as ckpt
@@ -135,6 +136,8 @@ def test_exports_load_with_transformers_in_a_fresh_process(tmp_path, tokenizer_f
         greedy = got[name]["greedy"]
         assert len(greedy) == PROMPT_LEN + NEW_TOKENS or tok.eos_id in greedy[PROMPT_LEN:], name
         assert is_our_greedy_continuation(models[name], greedy, PROMPT_LEN, tok.eos_id), (name, greedy)
+        ours, _ = generate(models[name], [greedy[:PROMPT_LEN]], GenerationConfig(NEW_TOKENS), eos_id=tok.eos_id)
+        assert ours[0].ids + ([tok.eos_id] if ours[0].finish_reason == "eos" else []) == greedy[PROMPT_LEN:], name
         assert got[name]["encoded"] == tok.encode(TEXT[:60]), name
     wrong = greedy[:-1] + [(greedy[-1] + 1) % 300]  # the check itself can fail
     assert not is_our_greedy_continuation(models[name], wrong, PROMPT_LEN, tok.eos_id)
@@ -181,7 +184,7 @@ def test_convert_cli_and_bad_inputs(tmp_path, tokenizer_file, capsys):
     before = files_under(tmp_path)
     bad = [
         (["convert", str(path), "--to-hf", str(tmp_path / "hf")], "already exists and is not empty"),
-        (["convert", str(tmp_path / "nope"), "--to-hf", str(tmp_path / "x")], "not a directory"),
+        (["convert", str(tmp_path / "nope"), "--to-hf", str(tmp_path / "x")], "no such directory"),
         (["convert", "--from-hf", str(tmp_path / "run"), "--out", str(tmp_path / "x")], "no config.json"),
         (["convert", str(path)], "--to-hf OUT or --from-hf DIR --out CHECKPOINT_DIR"),
     ]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from linear_moe.hf.io import (
@@ -64,37 +63,13 @@ def package_version() -> str:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (-> its newest complete checkpoint)."""
-    from linear_moe.train import checkpoint as ckpt
-
-    path = Path(path)
-    if (path / ckpt.CKPT_DIRNAME).is_dir():
-        latest = ckpt.find_latest(path / ckpt.CKPT_DIRNAME)
-        if latest is None:
-            raise HFError(f"run directory {path} has no complete checkpoint")
-        return latest
-    ckpt.read_meta(path)  # one-line CheckpointError for anything that is not a complete checkpoint
-    return path
-
-
-def model_config_from_yaml(text: str, where: Path) -> ModelConfig:
-    """The `ModelConfig` of a stored run config (the model section, without the preset's name)."""
-    stored = yaml.safe_load(text) or {}
-    model = dict(stored.get("model") or {})
-    if not model:
-        raise HFError(f"{where}: its config.yaml has no model section")
-    model.pop("preset", None)
-    return ModelConfig.from_dict(model)
-
-
 def load_checkpoint_model(path: str | Path) -> tuple[LinearMoEForCausalLM, Path]:
     """(model with the checkpoint's weights, in eval mode, the checkpoint directory) of a checkpoint or run dir."""
+    from linear_moe.generate.loader import model_config_of, resolve_checkpoint
     from linear_moe.train import checkpoint as ckpt
 
     path = resolve_checkpoint(path)
-    cfg = model_config_from_yaml(ckpt.read_config_text(path), path)
-    model = LinearMoEForCausalLM(cfg)
+    model = LinearMoEForCausalLM(model_config_of(path))
     ckpt.load_checkpoint(path, model, optimizer=None, restore_rng_state=False)
     return model.eval(), path
 
