@@ -63,7 +63,7 @@ def test_tokenizer_round_trip_and_specials(tok, tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     loaded = Tokenizer.from_file(tmp_path)
     assert loaded.encode(text) == tok.encode(text) and loaded.eos_id == tok.eos_id
-    with pytest.raises(DataError, match="vocab_size must be at least"):
+    with pytest.raises(DataError, match="vocab_size must be between 260 and"):
         Tokenizer.train(DOCS, vocab_size=100)
 
 
@@ -306,13 +306,13 @@ def test_sft_masking_and_template(tok, tmp_path):
     assert tok.decode(v_labels[v_labels != IGNORE_INDEX]) == "Hello!<|endoftext|>See you.<|endoftext|>"
 
 
-def test_sft_packing_epochs_and_truncation(tok, tmp_path):
+def test_sft_packing_epochs_and_truncation(tok, tmp_path, capsys):
     records = [{"prompt": f"question {i}", "response": "answer " * (i % 4 + 1)} for i in range(10)]
     records.append({"prompt": "long " * 40, "response": "x"})
     write_jsonl(tmp_path / "s.jsonl", records)
-    with pytest.warns(UserWarning, match="1 SFT examples are longer than seq_len=40"):
-        ds = SFTDataset(tmp_path / "s.jsonl", tok, seq_len=40, micro_batch_size=2, seed=1)
+    ds = SFTDataset(tmp_path / "s.jsonl", tok, seq_len=40, micro_batch_size=2, seed=1)
     assert ds.num_truncated == 1
+    assert "1 of 11 SFT examples (training) are longer than seq_len=40" in capsys.readouterr().err
     user = tok.token_id("<|user|>")
     seen: dict[int, list[str]] = {0: [], 1: []}
     step = 0
@@ -330,8 +330,7 @@ def test_sft_packing_epochs_and_truncation(tok, tmp_path):
     for prompts in seen.values():
         assert len(prompts) == len(set(prompts)) >= 6  # each example at most once per epoch (partial batch dropped)
     assert seen[0] != seen[1]  # reshuffled
-    with pytest.warns(UserWarning):
-        again = SFTDataset(tmp_path / "s.jsonl", tok, 40, 2, seed=1).get_batch(step - 1, rank=1, world_size=2)
+    again = SFTDataset(tmp_path / "s.jsonl", tok, 40, 2, seed=1).get_batch(step - 1, rank=1, world_size=2)
     assert np.array_equal(again.labels, ds.get_batch(step - 1, rank=1, world_size=2).labels)
 
 
@@ -350,3 +349,77 @@ def test_sft_bad_records(tok, tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b"}])
     with pytest.raises(DataError, match="fewer than one global batch"):
         SFTDataset(tmp_path / "s.jsonl", tok, seq_len=32, micro_batch_size=2).get_batch(0)
+
+
+def test_sft_truncation_notes_are_one_clean_line_each(tok, tmp_path, capfd):
+    import warnings
+
+    records = [{"prompt": "long " * 40, "response": "x"}] * 3 + [{"prompt": "q", "response": "a"}] * 3
+    write_jsonl(tmp_path / "s.jsonl", records + records[:2])  # the last 2 (both long) are held out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = SFTDataset(tmp_path / "s.jsonl", tok, seq_len=40, micro_batch_size=1, val_fraction=0.25)
+        assert ds.val is ds.val and ds.val.num_truncated == 2
+    assert caught == []
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == [
+        "note: 3 of 6 SFT examples (training) are longer than seq_len=40 tokens and were truncated",
+        "note: 2 of 2 SFT examples (validation) are longer than seq_len=40 tokens and were truncated",
+    ]
+
+
+def test_prepare_txt_and_jsonl_without_pyarrow(tok, tmp_path, monkeypatch):
+    import sys
+
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow` now raises ImportError
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS[1:]))
+    prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tmp_path / "out", tokenizer=tok, progress=False)
+    assert decoded_docs(tmp_path / "out", tok) == DOCS
+    (tmp_path / "c.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"c.parquet: reading Parquet/Arrow inputs needs pyarrow: pip install pyarrow"):
+        prepare([str(tmp_path / "c.parquet")], tmp_path / "out2", tokenizer=tok, progress=False)
+
+
+def test_bad_inputs_are_one_line_errors(tok, tmp_path, capsys):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    (tmp_path / "bad.json").write_text("{not json")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "state.json").write_text("{broken")
+    (tmp_path / "a.txt").write_text("some text to train on, some text to train on")
+    cases = [
+        (dict(inputs=[str(tmp_path / "ints.parquet")], tokenizer=tok), "ints.parquet: column 'text' holds int64"),
+        (dict(inputs=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "bad.json")), "bad.json: not a Hugging Face"),
+        (dict(inputs=[str(hf)], tokenizer=tok), "hf/state.json: not a Hugging Face dataset file"),
+        (dict(inputs=[str(tmp_path / "a.txt")], vocab_size=10**12), "vocab_size must be between 260 and 16,777,216"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DataError, match=message) as e:
+            prepare(out_dir=tmp_path / "out", progress=False, **kwargs)
+        assert "\n" not in str(e.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out=.*file/ds is under .*file, which is a file"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "file" / "ds", tokenizer=tok, progress=False)
+    capsys.readouterr()
+    meta = prepare([str(tmp_path / "a.txt")], tmp_path / "small", vocab_size=100_000, progress=False)
+    assert meta["vocab_size"] < 300
+    assert f"the tokenizer has {meta['vocab_size']} tokens, not the 100,000 asked for" in capsys.readouterr().err
+
+
+def test_long_documents_are_cut_where_tokens_do_not_change(tok, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = ["state", "gate", "expert", "token", "déjà", "✓", "x" * 150, "  ", "\n", "\n\n", "12345", "!?"]
+    doc = "".join(rng.choice(words, size=3000) + " ")
+    cut = prepare_mod.pieces(doc, max_chars=300)
+    assert "".join(cut) == doc and len(cut) > 20 and all(len(p) <= 300 for p in cut)
+    for a, b in zip(cut[:-1], cut[1:], strict=True):
+        assert not a[-1].isspace() and b[0].isspace()  # cut before whitespace that follows a non-space
+    assert prepare_mod.pieces("y" * 700, max_chars=300) == ["y" * 300, "y" * 300, "y" * 100]  # no whitespace
+    monkeypatch.setattr(prepare_mod, "PIECE_CHARS", 300)
+    monkeypatch.setattr(prepare_mod, "ENCODE_CHARS", 1000)
+    (tmp_path / "long.txt").write_text(doc)
+    prepare([str(tmp_path / "long.txt")], tmp_path / "out", tokenizer=tok, progress=False)
+    tokens, offsets, _ = read_dir(tmp_path / "out")
+    assert tokens[:-1].tolist() == tok.encode(doc)  # the whole document's tokens, then EOS

@@ -10,6 +10,14 @@ Output directory (see docs/data.md)::
 
 Every document is stored as its tokens followed by EOS. The directory is built in a temporary sibling and
 renamed into place at the end, so a failure never leaves a partial dataset.
+
+Long documents are cut into pieces of at most `PIECE_CHARS` characters before the tokenizer is trained and
+before encoding (a document's tokens are its pieces' tokens, concatenated), so memory stays bounded whatever
+the document length. Cuts fall just before a whitespace character that follows a non-whitespace one
+(preferring line breaks); no pre-token of a byte-level BPE spans such a point, so the tokens are exactly
+those of the whole document.
+
+pyarrow is imported only to read Parquet, Arrow and Hugging Face `save_to_disk` inputs.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..config import check_directory_path
 from .corpus import BUILTIN_PREFIX, builtin_documents
 from .errors import DataError
 from .tokenizer import Tokenizer
@@ -32,6 +42,10 @@ from .tokenizer import Tokenizer
 TEXT_EXTS = (".txt", ".md")
 FORMATS = ".txt/.md, .jsonl, .parquet, a Hugging Face save_to_disk directory, builtin:python-docs"
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")
+PIECE_CHARS = 1 << 16  # longest piece of a document handed to the tokenizer at once
+ENCODE_CHARS = 1 << 19  # characters encoded per tokenizer call
+_CUT_AT_LINE = re.compile(r"\S(?=\n)")  # a non-whitespace character followed by a line break
+_CUT_AT_SPACE = re.compile(r"\S(?=\s)")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -56,52 +70,100 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             yield rec[text_field]
 
 
+def _pyarrow(path: Path):
+    """pyarrow, imported for a Parquet / Arrow input only; a one-line DataError when it is not installed."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (the submodule is used as pyarrow.parquet)
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet/Arrow inputs needs pyarrow: pip install pyarrow (or linear-moe[data])"
+        ) from None
+    return pyarrow
+
+
 def _text_column(table, text_field: str, where: str) -> Iterator[str]:
+    pa = _pyarrow(Path(where))
     if text_field not in table.column_names:
         raise DataError(f"{where}: no column '{text_field}'; columns: {', '.join(table.column_names)}")
-    for text in table.column(text_field).to_pylist():
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"{where}: column '{text_field}' holds {column.type}, not strings; choose a text column")
+    for text in column.to_pylist():
         if text is not None:
             yield text
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+def _arrow_errors(path: Path, read: Iterator[str]) -> Iterator[str]:
+    """`read`'s documents, with pyarrow's errors as one-line DataErrors naming `path`."""
+    pa = _pyarrow(path)
+    try:
+        yield from read
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no column '{text_field}'; columns: {', '.join(pf.schema_arrow.names)}")
-    for batch in pf.iter_batches(columns=[text_field]):
-        yield from _text_column(batch, text_field, str(path))
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    pq = _pyarrow(path).parquet
+
+    def read() -> Iterator[str]:
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column '{text_field}'; columns: {', '.join(pf.schema_arrow.names)}")
+        for batch in pf.iter_batches(columns=[text_field]):
+            yield from _text_column(batch, text_field, str(path))
+
+    return _arrow_errors(path, read())
 
 
 def _read_arrow(path: Path, text_field: str) -> Iterator[str]:
     """One `.arrow` file of a `save_to_disk` dataset (Arrow IPC stream; IPC file format accepted too)."""
-    import pyarrow as pa
+    pa = _pyarrow(path)
 
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-    else:
-        batches = iter(reader)
-    for batch in batches:
-        yield from _text_column(batch, text_field, str(path))
+    def read() -> Iterator[str]:
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(reader)
+        for batch in batches:
+            yield from _text_column(batch, text_field, str(path))
+
+    return _arrow_errors(path, read())
 
 
 def _is_hf_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def _read_json_object(path: Path, key: str) -> list:
+    """`key` of the JSON object in `path` (a list); one-line DataError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key, [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{path}: not a Hugging Face dataset file ({_first_line(e)})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: '{key}' should be a list")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _read_hf_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
     """A `Dataset.save_to_disk` dir (state.json lists the .arrow files) or a `DatasetDict` dir (one split)."""
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _read_json_object(path / "dataset_dict.json", "splits")
         if split not in splits:
-            raise DataError(f"{path}: no split '{split}'; splits: {', '.join(splits)}")
+            raise DataError(f"{path}: no split '{split}'; splits: {', '.join(map(str, splits))}")
         path = path / split
-    state = json.loads((path / "state.json").read_text())
-    for entry in state.get("_data_files", []):
+    for entry in _read_json_object(path / "state.json", "_data_files"):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            raise DataError(f"{path / 'state.json'}: every _data_files entry needs a 'filename'")
         yield from _read_arrow(path / entry["filename"], text_field)
 
 
@@ -134,14 +196,10 @@ def _documents(source: str, text_field: str, split_docs: bool, hf_split: str) ->
     }
     if path.suffix not in readers:
         raise DataError(f"unknown input format '{path.suffix or path.name}' ({source}); valid: {FORMATS}, .arrow")
-    import pyarrow as pa
-
     try:
         yield from readers[path.suffix]()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except pa.ArrowException as e:
-        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def iter_documents(
@@ -152,6 +210,29 @@ def iter_documents(
         for doc in _documents(source, text_field, split_docs, hf_split):
             if doc.strip():
                 yield doc
+
+
+def pieces(doc: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`doc` cut into pieces of at most `max_chars` characters (see the module docstring): just before a line
+    break that follows a non-whitespace character, else before any such whitespace, else (no whitespace at all)
+    at `max_chars`. `"".join(pieces(doc)) == doc`."""
+    if len(doc) <= max_chars:
+        return [doc]
+    out, start = [], 0
+    while len(doc) - start > max_chars:
+        window = doc[start : start + max_chars]
+        ends = [m.end() for m in _CUT_AT_LINE.finditer(window, max_chars // 2)]
+        ends = ends or [m.end() for m in _CUT_AT_SPACE.finditer(window, max_chars // 2)] or [max_chars]
+        out.append(window[: ends[-1]])
+        start += ends[-1]
+    out.append(doc[start:])
+    return out
+
+
+def _texts(docs: Iterator[str]) -> Iterator[str]:
+    """The pieces of every document, in order (what the tokenizer trains on)."""
+    for doc in docs:
+        yield from pieces(doc)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -208,8 +289,7 @@ class _TokenWriter:
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output path {out} exists and is not a directory")
+    check_directory_path(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(f"output directory {out} exists and is not empty; pass overwrite=True (--overwrite)")
 
@@ -273,7 +353,13 @@ def prepare(
     elif tokenizer is not None:
         tok = Tokenizer.from_file(tokenizer)
     else:
-        tok = Tokenizer.train(docs(), vocab_size=vocab_size)
+        tok = Tokenizer.train(_texts(docs()), vocab_size=vocab_size)
+        if tok.vocab_size < vocab_size:
+            tqdm.write(
+                f"note: the tokenizer has {tok.vocab_size:,} tokens, not the {vocab_size:,} asked for: the text has "
+                "no more pairs of tokens that occur at least twice (more text gives a larger vocabulary)",
+                file=sys.stderr,
+            )
     dtype = token_dtype(tok.vocab_size)
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype.name, "eos_id": tok.eos_id, "sources": list(inputs)}
 
@@ -289,9 +375,9 @@ def prepare(
         bar = tqdm(total=n_docs, desc="tokenizing", unit="doc", disable=not progress)
         i = 0
         for chunk in _chunks(docs(), batch_docs):
-            for ids in tok.encode_batch(chunk):
+            for ids_L in _encode_docs(tok, chunk, dtype):
                 writer = train_w if i < n_docs - n_val else val_w
-                writer.add(np.concatenate([np.asarray(ids, dtype=dtype), eos_1]))
+                writer.add(np.concatenate([ids_L, eos_1]))
                 i += 1
             bar.update(len(chunk))
         bar.close()
@@ -305,6 +391,26 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _encode_docs(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The token ids of each document, encoded piece by piece in batches of about `ENCODE_CHARS` characters:
+    the tokenizer's working memory (~150 bytes per character) never holds a whole long document."""
+    split = [pieces(doc) for doc in docs]
+    flat = [p for ps in split for p in ps]
+    ids: list[np.ndarray] = []
+    batch: list[str] = []
+    size = 0
+    for k, piece in enumerate(flat):
+        batch.append(piece)
+        size += len(piece)
+        if size >= ENCODE_CHARS or k == len(flat) - 1:
+            ids += [np.asarray(x, dtype=dtype) for x in tok.encode_batch(batch)]
+            batch, size = [], 0
+    pos = 0
+    for ps in split:
+        yield np.concatenate(ids[pos : pos + len(ps)]) if len(ps) > 1 else ids[pos]
+        pos += len(ps)
 
 
 def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:

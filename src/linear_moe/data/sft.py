@@ -10,13 +10,13 @@ Records are `{"prompt": str, "response": str}` (keys configurable) or `{"message
 The role tokens and "\\n" pieces are encoded separately, so the prompt/response boundary is exact. Examples are
 packed greedily (whole examples, in an order shuffled by (seed, epoch)) into rows of `seq_len` tokens, padded
 with EOS inputs and ignored targets; `cu_seqlens` starts a segment at every example and at the padding.
-Examples longer than `seq_len` are truncated (counted in `num_truncated`, reported with a warning).
+Examples longer than `seq_len` are truncated (counted in `num_truncated`, reported in one line on stderr).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,7 @@ class SFTDataset:
         response_key: str = "response",
         val_fraction: float = 0.0,
         examples: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        split: str = "training",
     ):
         self.tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
         if seq_len < 2 or micro_batch_size < 1:
@@ -124,23 +125,25 @@ class SFTDataset:
         n_val = int(np.ceil(val_fraction * len(examples))) if val_fraction > 0 else 0
         if n_val >= len(examples):
             raise DataError(f"val_fraction={val_fraction} leaves no training examples ({len(examples)} in total)")
-        self._val_examples = examples[len(examples) - n_val :] if n_val else []
-        self.examples = [(ids[:seq_len], tgt[:seq_len]) for ids, tgt in examples[: len(examples) - n_val]]
-        self.num_truncated = sum(len(ids) > seq_len for ids, _ in examples[: len(examples) - n_val])
+        kept = examples[: len(examples) - n_val]
+        self.examples = [(ids[:seq_len], tgt[:seq_len]) for ids, tgt in kept]
+        self.num_truncated = sum(len(ids) > seq_len for ids, _ in kept)
         if self.num_truncated:
-            warnings.warn(
-                f"{self.num_truncated} SFT examples are longer than seq_len={seq_len} and were truncated", stacklevel=2
+            print(
+                f"note: {self.num_truncated} of {len(kept)} SFT examples ({split}) are longer than seq_len={seq_len} "
+                "tokens and were truncated",
+                file=sys.stderr,
             )
         self.vocab_size = self.tok.vocab_size
         self.num_tokens = sum(len(ids) for ids, _ in self.examples)
         self._epoch_rows: list[int] = []  # rows of each epoch packed so far
         self._cached: tuple[int, list[list[int]]] | None = None  # (epoch, rows of example indices)
-
-    @property
-    def val(self) -> SFTDataset | None:
-        if not self._val_examples:
-            return None
-        return SFTDataset(None, self.tok, self.seq_len, self.micro_batch_size, self.seed, examples=self._val_examples)
+        val_examples = examples[len(examples) - n_val :] if n_val else []
+        self.val: SFTDataset | None = None  # the held-out examples, built once
+        if val_examples:
+            self.val = SFTDataset(
+                None, self.tok, seq_len, micro_batch_size, seed, examples=val_examples, split="validation"
+            )
 
     def _pack(self, epoch: int) -> list[list[int]]:
         """Rows (lists of example indices) of `epoch`: greedy packing in the epoch's shuffled order."""

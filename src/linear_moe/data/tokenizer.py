@@ -20,6 +20,7 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 SPECIAL_TOKENS = (EOS, SYSTEM, USER, ASSISTANT)
 _EOS_FALLBACKS = (EOS, "</s>", "<eos>", "<|end_of_text|>")
+MAX_VOCAB = 1 << 24  # the BPE trainer allocates per requested token (and aborts the process near 2**32)
 
 
 class Tokenizer:
@@ -41,7 +42,17 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"tokenizer file not found: {path}")
-        return cls(_HFTokenizer.from_file(str(path)))
+        try:
+            hf = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON / unknown models
+            lines = str(e).strip().splitlines()
+            raise DataError(
+                f"{path}: not a Hugging Face tokenizer.json ({lines[0] if lines else type(e).__name__})"
+            ) from None
+        try:
+            return cls(hf)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
@@ -50,8 +61,9 @@ class Tokenizer:
         Every byte is in the initial alphabet, so any text round-trips: `decode(encode(s)) == s`.
         """
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
-            raise DataError(f"vocab_size must be at least {len(alphabet) + len(SPECIAL_TOKENS)}; got {vocab_size}")
+        low = len(alphabet) + len(SPECIAL_TOKENS)
+        if not low <= vocab_size <= MAX_VOCAB:
+            raise DataError(f"vocab_size must be between {low} and {MAX_VOCAB:,}; got {vocab_size:,}")
         hf = _HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
