@@ -441,3 +441,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_data, tmp_path):
     saved = run_dir / "checkpoints" / f"step-{step:07d}"
     assert f"checkpoint {saved}" in last and json.loads((saved / "meta.json").read_text())["step"] == step
     assert _train_steps(run_dir)[-1] == step
+
+
+def test_plots_and_text_inputs_need_no_extra():
+    """The README's first install line (no extras) draws the plots; pyarrow stays optional (Parquet only)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    core = {re.split(r"[<>=~! \[]", d)[0] for d in project["dependencies"]}
+    assert "matplotlib" in core and "pyarrow" not in core
+
+
+def test_metrics_file_errors_name_the_line(tmp_path):
+    from linear_moe.train.logging import read_metrics
+
+    good = '{"step": 1, "split": "train", "loss": 2.0}'
+    (tmp_path / "metrics.jsonl").write_text(f'{good}\n{good}\n{{"step": 2, "spl')  # killed while writing
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 1]
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\nnot json\n{good}\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record") as e:
+        read_metrics(tmp_path)
+    assert "\n" not in str(e.value)

@@ -84,7 +84,7 @@ def finetune(config: str | None, from_checkpoint: str, overrides: list[str] = ()
 
 def plot(run_dir: str) -> list[Path]:
     """Write loss.png (train and val loss vs step) and expert_load.png (MoE layers x experts) into RUN_DIR
-    from its metrics.jsonl. Needs matplotlib."""
+    from its metrics.jsonl."""
     from .train.plot import plot_run
 
     written = plot_run(Path(run_dir))

@@ -1,5 +1,5 @@
 """Plots of a run directory: `loss.png` (train and val loss vs step) and `expert_load.png`
-(heat map, MoE layers x experts, of the last logged expert-load fractions). Needs matplotlib."""
+(heat map, MoE layers x experts, of the last logged expert-load fractions). matplotlib is a core dependency."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib (or the 'logging' extra)") from None
+        raise ImportError("plotting needs matplotlib, a dependency of linear-moe: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
