@@ -230,6 +230,15 @@ def test_show_config_prints_the_merged_config():
     assert "  steps: 7  # default: 1200" in res.stdout.splitlines()
 
 
+@pytest.mark.parametrize("command", ["train", "finetune", "bench", "prepare"])
+def test_every_help_is_reachable(command, capsys):
+    from linear_moe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: linear-moe {command}")
+
+
 def test_finetune_help_example_is_accepted():
     res = cli("finetune", "--help")
     example = res.stdout.split("e.g.")[1].split()[:2]

@@ -278,3 +278,11 @@ def test_show_config_lists_every_key_and_its_default():
     lines = text.splitlines()
     assert "  steps: 7  # default: 1200" in lines and "  hidden_size: 64  # default: 128" in lines
     assert "  lr: 0.003" in lines  # unchanged values carry no comment
+
+
+def test_finetune_yaml_finds_its_sft_file_from_any_directory(tmp_path, monkeypatch):
+    from linear_moe.train.config import read_run_yaml
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert Path(read_run_yaml(config)["finetune"]["data"]).is_file()
