@@ -9,8 +9,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the model, `model.layers` (the unit of checkpointing, compilation and sharding)."""
+    """The repeated blocks of the model, `model.layers` (the unit of checkpointing, compilation and sharding); a
+    pipeline rank's part keeps them in a ModuleDict under their model indices."""
     layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.values())
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no `layers` ModuleList of blocks to checkpoint or compile")
     return list(layers)

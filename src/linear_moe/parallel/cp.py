@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from ..layers.conv import ShortConvolution
 from ..mixers.attention import Attention
 from ..mixers.base import MixerState
+from .checkpointing import transformer_blocks
 
 LINEAR_KEYS = ("recurrent",)  # states that evolve linearly in their initial value: S [H, K, V]
 
@@ -133,7 +134,7 @@ def apply_cp(model: nn.Module, mesh) -> None:
     unchanged). Batches then go through `shard_batch` first."""
     cp = ContextParallel(mesh["cp"].get_group())
     model.context_parallel = cp
-    for block in model.layers:
+    for block in transformer_blocks(model):
         check_supported(block.mixer)
         block.mixer.forward = functools.partial(_cp_forward, block.mixer, block.mixer.forward, cp)
 
@@ -162,8 +163,8 @@ def _cp_forward(
     use_cache: bool = False,
     context=None,
 ) -> tuple[torch.Tensor, None]:
-    if state is not None or use_cache:
-        raise ValueError("context parallel runs training/evaluation forwards only (no state, no use_cache)")
+    if state is not None or use_cache:  # decoding is not split: every rank runs the whole input
+        return forward(x, state, cu_seqlens, use_cache, context)
     if cu_seqlens is None:  # whole rows, split evenly
         lay = cp_layout(None, x.shape[1] * cp.size, x.shape[0], cp.rank, cp.size)
     else:

@@ -45,7 +45,8 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once in backward: keep them gathered
         sharded.append(fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1))
-    sharded.append(fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False))
+    for root in getattr(model, "pipeline_stages", None) or [model]:  # a pipeline rank: each stage is a root
+        sharded.append(fully_shard(root, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False))
     for module in sharded:
         _sum_gradients(module)
 

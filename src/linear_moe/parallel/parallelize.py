@@ -1,5 +1,6 @@
 """`parallelize`: apply a run's layout to a built model from outside its layers, in torchtitan's order:
-tensor parallel -> expert parallel -> context parallel -> activation checkpointing / compile -> FSDP2.
+pipeline split -> tensor parallel -> expert parallel -> context parallel -> activation checkpointing / compile ->
+FSDP2. Under pipeline parallelism the result is this rank's part (`PipelinedModel`, whose `runner` runs a step).
 
 Every rank builds the whole model from the same seed, so sharding starts from the single-process initialisation
 and a run's parameters do not depend on its layout.
@@ -31,6 +32,12 @@ def parallelize(
     `param_dtype` is FSDP2's compute dtype for parameters (bf16 on GPU; None keeps float32, e.g. on CPU).
     """
     model = model.to(device)
+    if mesh is not None and cfg.pp > 1:  # first split the layers: everything below applies to this rank's stages
+        from .pp import PipelineRunner
+
+        if cfg.tp > 1 or cfg.cp > 1:
+            raise ValueError("parallel.pp does not combine with tp or cp yet; use pp with dp_shard / dp_replicate / ep")
+        model = PipelineRunner(model, mesh, cfg.pp_schedule, cfg.pp_microbatches, device).model
     if mesh is not None and cfg.tp > 1:
         from .tp import apply_tp
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..mixers.base import MixerContext
+from ..model.lm import LMOutput
 from ..model.loss import causal_lm_loss
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
@@ -153,6 +154,7 @@ class PipelineRunner:
             ctx_in, ctx_out = _context_fields(model, slices[s])
             self.stages.append(StageModule(model, slices[s], s == 0, s == n_stages - 1, ctx_in, ctx_out))
         self.model = PipelinedModel(model, self.stages)
+        self.model.runner = self  # the trainer runs steps through it
         self.fuse = model.cfg.fuse_linear_cross_entropy
         self.has_last = any(s.last for s in self.stages)
         self.schedule_cls, self.n_stages = SCHEDULES[schedule], n_stages
@@ -184,8 +186,9 @@ class PipelineRunner:
         rows: int,
         token_count: float,
         aux_weight: float = 1.0,
+        train: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Forward and backward of one batch (`input_ids`, `labels` [1, rows*T] packed with `cu_seqlens`, or
+        """Forward and backward (forward only unless `train`) of one batch (`input_ids`, `labels` [1, rows*T] packed with `cu_seqlens`, or
         [rows, T]). Returns (sum over micro-batches of CE sum / token_count, the aux-loss sum / microbatches, the
         expert load [num MoE layers, E] summed over micro-batches), the same on every pipeline rank."""
         ids_BT, labels_BT = input_ids.reshape(rows, -1), labels.reshape(rows, -1)
@@ -204,7 +207,8 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         first = self.stages[0].first
         args = (ids_BT, doc_BT) if first else ()
-        self._schedule.step(*args, target=labels_BT if self.has_last else None, losses=losses)
+        run = self._schedule.step if train else self._schedule.eval
+        run(*args, target=labels_BT if self.has_last else None, losses=losses)
         lm = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=self.device)
         records = [r for s in self.stages for r in s.records]
         aux = sum((r.loss for r in records), torch.zeros((), device=self.device)) / self.microbatches
@@ -224,3 +228,21 @@ class PipelineRunner:
         dist.all_reduce(stats, group=self.group)
         load = None if load is None else stats[2:].view_as(load)
         return stats[0], stats[1], load
+
+    def output(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        rows: int,
+        token_count: float,
+        aux_weight: float = 1.0,
+        train: bool = True,
+    ) -> LMOutput:
+        """`step` as the model's output for the trainer (forward and backward have run; losses are detached):
+        the micro-batch's mean CE, the aux loss and this rank's MoE layers' loads."""
+        lm, aux, load = self.step(input_ids, labels, cu_seqlens, rows, token_count, aux_weight, train)
+        count = int((labels != -100).sum())
+        loss = lm * token_count / count if count else lm
+        local = None if load is None else load[self.model.moe_rows]
+        return LMOutput(loss, None if load is None else aux, None, None, local)

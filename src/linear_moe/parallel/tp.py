@@ -39,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 
 from ..layers.conv import ShortConvolution
 from ..layers.norm import RMSNorm
+from .checkpointing import transformer_blocks
 
 # mixer class name -> its column-parallel (per-head) projections; o_proj is row-parallel in all of them
 HEAD_PROJECTIONS = {
@@ -59,7 +60,7 @@ def check_tp(model: nn.Module, tp: int) -> None:
     """One-line errors for what tensor parallelism cannot split."""
     if model.cfg.tie_embeddings:
         raise ValueError("tensor parallel: tied embeddings are not supported; set model.tie_embeddings=false")
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(transformer_blocks(model)):
         name = type(block.mixer).__name__
         if name in REFUSED:
             raise ValueError(f"tensor parallel: layer {i} mixer {name} is not supported: {REFUSED[name]}; use tp=1")
@@ -200,7 +201,7 @@ def apply_tp(model: nn.Module, mesh) -> None:
     )
     # the head reads the whole sequence: vocab-split logits [B, T, V/tp] for loss_parallel
     model.norm.register_forward_hook(lambda m, a, out: out.redistribute(tp_mesh, [Replicate()]))
-    for block in model.layers:
+    for block in transformer_blocks(model):
         parallelize_module(block, tp_mesh, {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
         _apply_mixer(block.mixer, tp_mesh)
         _apply_ffn(block, tp_mesh)
@@ -211,8 +212,13 @@ def apply_tp(model: nn.Module, mesh) -> None:
     forward = model.forward
 
     @functools.wraps(forward)
-    def tp_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)
+    def tp_forward(input_ids, *args, **kwargs):
+        if input_ids.shape[1] % tp_mesh.size():  # sequence-parallel norms split the tokens evenly
+            raise ValueError(
+                f"tensor parallel: {input_ids.shape[1]} tokens do not split over tp={tp_mesh.size()} ranks "
+                "(decoding token by token is not supported under tp)"
+            )
+        out = forward(input_ids, *args, **kwargs)
         if isinstance(out.loss, DTensor):
             out.loss = out.loss.to_local()
         if out.loss is not None:  # as with the fused loss: no [B, T, V] logits gathered when training

@@ -273,7 +273,11 @@ def _finish(cfg: RunConfig, trainer: Trainer, summary: dict[str, Any], tokenizer
         _plot(Path(tc.run_dir))
     if (line := summary_line(summary)) is not None and is_rank0():
         print(line)
-    if tc.sample_prompt and tc.sample_tokens > 0:
+    model = trainer.model
+    split = getattr(model, "runner", None) is not None or getattr(model, "tensor_parallel", None) is not None
+    if tc.sample_prompt and tc.sample_tokens > 0 and split:
+        note("note: no sample under pipeline or tensor parallelism (decoding runs in one process: linear-moe generate)")
+    elif tc.sample_prompt and tc.sample_tokens > 0:
         text = _sample(tc, trainer.model, tokenizer_path, chat)
         if is_rank0():
             print(f"sample: {tc.sample_prompt}{text}" if not chat else f"sample ({tc.sample_prompt!r}): {text}")

@@ -31,10 +31,10 @@ from torch import nn
 from ..ops.autotune import limit_autotune
 from ..parallel import ParallelConfig, build_mesh, moe_layers, parallelize
 from ..parallel.config import run_layout
+from ..parallel.cp import shard_batch
 from ..parallel.grads import clip_grad_norm_
+from ..parallel.tp import loss_context
 from . import checkpoint as ckpt
-from .config import RunConfig
-from .interrupt import Interrupted, StopSignals
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
 from .optim import build_optimizer, set_lr
@@ -88,7 +88,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: Any,
         model: nn.Module,
         data: BatchSource,
         val_data: BatchSource | None = None,
@@ -174,8 +174,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The batch on the device; under context parallelism this rank's slice of the sequence."""
         cu = batch.cu_seqlens.to(self.device) if batch.cu_seqlens is not None else None
-        return batch.input_ids.to(self.device), batch.labels.to(self.device), cu
+        input_ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+        if self.layout.cp > 1:
+            return shard_batch(self.model, input_ids, labels, cu)
+        return input_ids, labels, cu
 
     def _micro_batches(self, step: int) -> Iterator[Batch]:
         for micro in range(self.tc.grad_accum):
@@ -189,19 +193,33 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer update (gradient accumulation over `grad_accum` micro-batches)."""
+        with loss_context(self.model):  # tensor parallel: the vocab-parallel loss, forward and backward
+            return self._train_step(step)
+
+    def _forward_backward(self, input_ids, labels, cu_seqlens, total: int, train: bool = True):
+        """The model's output on one micro-batch; a pipeline rank runs forward and backward (when `train`) in its
+        schedule (the output's losses are then detached) and reports its own MoE layers' loads."""
+        runner = getattr(self.model, "runner", None)
+        if runner is None:
+            with self._autocast():
+                return self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+        rows = input_ids.numel() // self.cfg.data.seq_len
+        with self._autocast():
+            aux_weight = 1 / (self.tc.grad_accum * self.token_ranks)
+            return runner.output(input_ids, labels, cu_seqlens, rows, total, aux_weight, train)
+
+    def _train_step(self, step: int) -> StepResult:
         set_lr(self.optimizer, self.lr(step))
-        batches = list(self._micro_batches(step))
+        batches = [self._to_device(b) for b in self._micro_batches(step)]
         # weight each micro-batch's mean CE by its share of target tokens: the update then follows the
         # token-mean loss of the whole step, also when SFT masks make micro-batches uneven
-        counts = [int((b.labels != -100).sum()) for b in batches]
+        counts = [int((labels != -100).sum()) for _, labels, _ in batches]
         total = max(1, int(self._sum_over_ranks(torch.tensor(sum(counts), device=self.device))))  # global targets
         lm_sum = torch.zeros((), device=self.device)  # accumulated on the device: one sync per step
         aux_sum = torch.zeros((), device=self.device)
         tokens, load_LE = 0, None
-        for batch, count in zip(batches, counts, strict=True):
-            input_ids, labels, cu_seqlens = self._to_device(batch)
-            with self._autocast():
-                out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+        for (input_ids, labels, cu_seqlens), count in zip(batches, counts, strict=True):
+            out = self._forward_backward(input_ids, labels, cu_seqlens, total)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
             lm = out.loss * (count / total) if count else torch.zeros((), device=self.device)  # no targets: no NaN
             objective = lm + aux / (self.tc.grad_accum * self.token_ranks)  # the ranks' mean: one process's aux
@@ -215,7 +233,8 @@ class Trainer:
                 load = out.expert_load.detach().float()
                 load_LE = load if load_LE is None else load_LE + load
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
+        pipeline = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip, pipeline)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.token_group is not None:  # one all-reduce: losses, tokens and loads of every rank
@@ -252,8 +271,8 @@ class Trainer:
         for i in range(self.tc.eval_batches):
             input_ids, labels, cu_seqlens = self._to_device(self.val_data.get_batch(i, self.dp_rank, self.layout.dp))
             count = int((labels != -100).sum())
-            with self._autocast():
-                out = self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+            with loss_context(self.model):
+                out = self._forward_backward(input_ids, labels, cu_seqlens, max(count, 1), train=False)
             if count:
                 sums += torch.stack([out.loss.double() * count, sums.new_tensor(count)])
         self.model.train()
@@ -302,7 +321,6 @@ class Trainer:
         last_ckpt, val_loss = None, None
         t_start = t_window = time.perf_counter()
         tokens_window = 0
-        stop = StopSignals().install()  # SIGINT/SIGTERM: finish the step, save, raise Interrupted
         try:
             if self.step == 0 and tc.eval_every:  # the starting point of the validation curve
                 val_loss = self.evaluate()
@@ -329,12 +347,9 @@ class Trainer:
                     if val_loss is not None:
                         self._log(logger, {"split": "val", "loss": val_loss})
                         logger.write(f"step {self.step}: train loss {res.loss:.3f}, val loss {val_loss:.3f}")
-                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end or stop.signum is not None:
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end:
                     last_ckpt = self.save()
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, self.step, last_ckpt)
         finally:
-            stop.restore()
             logger.close()
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         return {
