@@ -9,8 +9,8 @@ norms keep one replicated weight whose gradient is summed over the ranks. The mi
 to the local counts after sharding (as torchtitan does), so the mixer code runs unchanged on its heads.
 
 Dense SwiGLU FFNs are column- then row-parallel. MoE layers are not split by tp: each rank runs the layer on the
-whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split experts with
-`parallel.ep`. The embedding is vocab-parallel, the LM head column-parallel, and the loss runs under
+whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split the experts with
+`parallel.ep` (the tp ranks then exchange tokens with their own ep peers). The embedding is vocab-parallel, the LM head column-parallel, and the loss runs under
 `loss_parallel` (the plain cross-entropy path, never fla's fused one): forward and backward of a step must run
 inside `loss_context(model)`.
 
@@ -167,9 +167,11 @@ def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
         mixer.proj_dims = {k: v // tp for k, v in mixer.proj_dims.items()}
 
 
-def _apply_ffn(block: nn.Module, mesh: DeviceMesh) -> None:
+def _apply_ffn(block: nn.Module, mesh: DeviceMesh, ep: int) -> None:
     if block.is_moe:
         for m in block.ffn.modules():
+            if m is block.ffn.experts and ep > 1:  # split over ep by parallel/ep.py instead
+                continue
             params = {n: Replicate() for n, p in m.named_parameters(recurse=False)}
             if params:
                 localize(m, params, mesh)
@@ -204,9 +206,9 @@ def apply_tp(model: nn.Module, mesh) -> None:
     for block in transformer_blocks(model):
         parallelize_module(block, tp_mesh, {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
         _apply_mixer(block.mixer, tp_mesh)
-        _apply_ffn(block, tp_mesh)
+        _apply_ffn(block, tp_mesh, getattr(getattr(mesh, "cfg", None), "ep", 1))
     for name, p in model.named_parameters():
-        if not isinstance(p, DTensor):
+        if not isinstance(p, DTensor) and ".experts." not in name:
             raise ValueError(f"tensor parallel: parameter {name} has no tp placement")
     model.cfg = dataclasses.replace(model.cfg, fuse_linear_cross_entropy=False)
     forward = model.forward
