@@ -83,3 +83,13 @@ def test_cp_layout_by_hand():
 def test_cp_refuses_unknown_states():
     with pytest.raises(ValueError, match="cp cannot carry"):
         check_supported(tiny_model("rwkv7").layers[0].mixer)
+
+
+def test_cp_through_the_trainer_matches_one_process(tmp_path_factory):
+    """cp=2 on 2 ranks, and cp x dp_shard on 4 ranks, through the Trainer (FSDP2 over dp x cp, global MoE stats)."""
+    from test_parallel_dp_ep import assert_matches, reference, train_job
+
+    ref = reference("gdn-v2-hybrid", tmp_path_factory)
+    for world, layout in ((2, {"cp": 2, "dp_shard": 1}), (4, {"cp": 2})):
+        run_dir = tmp_path_factory.mktemp("gdn-cp")
+        assert_matches(dist_pool(world).run(train_job, "gdn-v2-hybrid", layout, str(run_dir))[0], ref)

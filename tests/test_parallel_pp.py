@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from dist_pool import dist_pool, grad_error, packed_batches, tiny_model
 from linear_moe.parallel.pp import PipelineRunner, doc_boundaries, split_layers
@@ -98,3 +99,33 @@ def test_doc_boundaries_and_split():
     assert split_layers(6, 3) == [range(0, 2), range(2, 4), range(4, 6)]
     with pytest.raises(ValueError, match="equal stages"):
         split_layers(6, 4)
+
+
+def pp_trainer_job(case: str, layout: dict, run_dir: str) -> dict:
+    """`test_parallel_dp_ep.train_job` under pipeline parallelism: every rank returns its records and its stages'
+    parameters (the union is the whole model)."""
+    from linear_moe.train.run import build_model
+    from linear_moe.train.trainer import Trainer
+    from test_parallel_dp_ep import ROWS, GlobalRows, run_config
+
+    cfg = run_config(case, run_dir, layout)
+    trainer = Trainer(cfg, build_model(cfg), GlobalRows(ROWS))
+    trainer.fit()
+    records = [r for r in trainer.history if r["split"] == "train"]
+    result = {k: [r[k] for r in records] for k in ("loss", "aux_loss", "grad_norm", "tokens", "expert_load")}
+    state = {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in trainer.model.state_dict().items()}
+    return {**result, "state": {n: t.detach().clone() for n, t in state.items()}}
+
+
+def test_pp_through_the_trainer_matches_one_process(tmp_path_factory):
+    """pp=2 on 2 ranks through the Trainer (one pipeline micro-batch: the aux losses see the reference's rows)."""
+    from test_parallel_dp_ep import assert_matches, reference
+
+    ref = reference("gla-v3", tmp_path_factory)
+    layout = {"pp": 2, "dp_shard": 1, "pp_schedule": "GPipe", "pp_microbatches": 1}
+    first, last = dist_pool(2).run(pp_trainer_job, "gla-v3", layout, str(tmp_path_factory.mktemp("gla-pp")))
+    assert first["state"].keys().isdisjoint(last["state"].keys())
+    assert {k: first[k] for k in ("loss", "aux_loss", "expert_load")} == {
+        k: last[k] for k in ("loss", "aux_loss", "expert_load")
+    }
+    assert_matches({**first, "state": {**first["state"], **last["state"]}}, ref)

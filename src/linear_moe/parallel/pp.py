@@ -210,6 +210,8 @@ class PipelineRunner:
         run = self._schedule.step if train else self._schedule.eval
         run(*args, target=labels_BT if self.has_last else None, losses=losses)
         lm = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=self.device)
+        for s in self.stages:  # the first step also runs each stage once to infer shapes: not a micro-batch
+            s.records = s.records[-self.microbatches :]
         records = [r for s in self.stages for r in s.records]
         aux = sum((r.loss for r in records), torch.zeros((), device=self.device)) / self.microbatches
         load = None
@@ -240,9 +242,9 @@ class PipelineRunner:
         train: bool = True,
     ) -> LMOutput:
         """`step` as the model's output for the trainer (forward and backward have run; losses are detached):
-        the micro-batch's mean CE, the aux loss and this rank's MoE layers' loads."""
+        the micro-batch's mean CE, the aux loss and the loads of every MoE layer (`PipelinedModel.moe_rows` are
+        this rank's)."""
         lm, aux, load = self.step(input_ids, labels, cu_seqlens, rows, token_count, aux_weight, train)
         count = int((labels != -100).sum())
         loss = lm * token_count / count if count else lm
-        local = None if load is None else load[self.model.moe_rows]
-        return LMOutput(loss, None if load is None else aux, None, None, local)
+        return LMOutput(loss, None if load is None else aux, None, None, load)

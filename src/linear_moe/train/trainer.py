@@ -245,7 +245,9 @@ class Trainer:
             load_LE = packed[3:].float().view_as(load_LE) if load_LE is not None else None
         if load_LE is not None:
             with torch.no_grad():
-                for layer, load_E in zip(moe_layers(self.model), load_LE, strict=True):
+                rows = getattr(self.model, "moe_rows", None)  # a pipeline rank: the rows of its own MoE layers
+                loads = load_LE if rows is None else load_LE[rows]
+                for layer, load_E in zip(moe_layers(self.model), loads, strict=True):
                     layer.update_bias(load_E)
         return StepResult(float(lm_sum) / total, float(aux_sum) / self.tc.grad_accum, grad_norm, tokens, load_LE)
 
