@@ -46,9 +46,9 @@ class CUDAGraphDecodeStep:
         self.graph.replay()
         return self.logits_BV, self.states
 
-    def _step(self) -> torch.Tensor:
-        logits_BV, new = decode_step(self.model, self.tokens_B, self.states)
-        _copy_states(self.states, new)  # recurrent mixers return new tensors; attention writes in place
+    def _step(self, states: States) -> torch.Tensor:
+        logits_BV, new = decode_step(self.model, self.tokens_B, states)
+        _copy_states(states, new)  # recurrent mixers return new tensors; attention writes in place
         return logits_BV
 
     def _capture(self, tokens_B: torch.Tensor, states: States) -> None:
@@ -60,13 +60,15 @@ class CUDAGraphDecodeStep:
         self.states = [{k: t.clone() for k, t in s.items()} for s in states]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        scratch = [{k: t.clone() for k, t in s.items()} for s in states]  # warm-up steps must not use up cache slots
         with torch.cuda.stream(side), torch.no_grad():  # warm up (Triton compiles, cuBLAS workspaces) off the graph
             for _ in range(self.warmup):
-                self._step()
+                self._step(scratch)
         torch.cuda.current_stream().wait_stream(side)
+        del scratch
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits_BV = self._step()
+        with torch.cuda.graph(self.graph), torch.no_grad():  # records only: self.states keeps its values
+            self.logits_BV = self._step(self.states)
 
 
 def _copy_states(dst: States, src: States) -> None:
