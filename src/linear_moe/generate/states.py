@@ -7,8 +7,6 @@ joined and reordered freely between decode steps.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -28,20 +26,8 @@ def has_kv_cache(model: nn.Module) -> bool:
 def init_states(
     model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype, max_seq_len: int
 ) -> States:
-    """Zero states of `batch_size` rows for every layer (KV caches of `max_seq_len` slots); a layer whose mixer
-    cannot preallocate gets None (it starts fresh and returns its state from the first forward)."""
-    out: States = []
-    for m in mixers(model):
-        init = getattr(m, "init_state", None)
-        if init is None:
-            out.append(None)
-            continue
-        kwargs = {"max_seq_len": max_seq_len} if "max_seq_len" in inspect.signature(init).parameters else {}
-        try:
-            out.append(init(batch_size, device=device, dtype=dtype, **kwargs))
-        except NotImplementedError:
-            out.append(None)
-    return out
+    """Zero states of `batch_size` rows for every layer (`model.init_states`; KV caches of `max_seq_len` slots)."""
+    return model.init_states(batch_size, device, dtype, max_seq_len=max_seq_len)
 
 
 def select_rows(states: States, rows: torch.Tensor) -> States:
@@ -50,18 +36,11 @@ def select_rows(states: States, rows: torch.Tensor) -> States:
 
 
 def put_rows(states: States, rows: torch.Tensor, part: States) -> States:
-    """`states` with rows `rows` replaced by `part` (in place where possible; a None layer takes `part`'s)."""
-    out: States = []
+    """`states` with rows `rows` replaced by `part`, in place."""
     for s, p in zip(states, part, strict=True):
-        if s is None or p is None:
-            if p is not None and s is None:
-                raise ValueError("put_rows: a fresh (None) layer state cannot take some rows; prefill all rows first")
-            out.append(s)
-            continue
-        for k, t in s.items():
+        for k, t in (s or {}).items():
             t.index_copy_(0, rows, p[k].to(t.dtype))
-        out.append(s)
-    return out
+    return states
 
 
 def join_rows(a: States, b: States) -> States:
