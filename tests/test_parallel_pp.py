@@ -62,7 +62,9 @@ def pp_job(mixer, pattern, preset, layers, schedule, microbatches, dp):
     losses, grads = [], {}
     for ids, labels, cu in batches:
         count = float((labels != -100).sum())
-        lm, _, _ = runner.step(*_rows(ids, labels, cu, d * rows, (d + 1) * rows), rows, count, aux_weight=1 / dp)
+        mine = _rows(ids, labels, cu, d * rows, (d + 1) * rows)
+        out = runner.step(*mine, rows, count, aux_weight=1 / dp)
+        lm = out.loss * (mine[1] != -100).sum() / count  # this dp rank's share of the global mean
         for p in params.values():
             dist.all_reduce(p.grad, group=mesh["dp"].get_group())
         dist.all_reduce(lm, group=mesh["dp"].get_group())

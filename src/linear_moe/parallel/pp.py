@@ -187,10 +187,11 @@ class PipelineRunner:
         token_count: float,
         aux_weight: float = 1.0,
         train: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Forward and backward (forward only unless `train`) of one batch (`input_ids`, `labels` [1, rows*T] packed with `cu_seqlens`, or
-        [rows, T]). Returns (sum over micro-batches of CE sum / token_count, the aux-loss sum / microbatches, the
-        expert load [num MoE layers, E] summed over micro-batches), the same on every pipeline rank."""
+    ) -> LMOutput:
+        """Forward and backward (forward only unless `train`) of one batch: `input_ids`, `labels` [1, rows*T]
+        packed with `cu_seqlens`, or [rows, T]. The output, the same on every pipeline rank, has detached losses: the
+        batch's mean CE, the aux loss (summed over stages, mean over micro-batches) and the expert load of every MoE
+        layer [num MoE layers, E] summed over micro-batches (`PipelinedModel.moe_rows` are this rank's)."""
         ids_BT, labels_BT = input_ids.reshape(rows, -1), labels.reshape(rows, -1)
         if rows % self.microbatches:
             raise ValueError(f"pipeline: {rows} rows do not split into {self.microbatches} micro-batches")
@@ -198,53 +199,29 @@ class PipelineRunner:
             doc = torch.searchsorted(cu_seqlens[1:], torch.arange(ids_BT.numel(), device=ids_BT.device), right=True)
         else:
             doc = torch.arange(rows, device=ids_BT.device).repeat_interleave(ids_BT.shape[1])
-        doc_BT = doc.view(rows, -1)
         self.token_count = token_count
         for s in self.stages:
             s.aux_scale, s.records = aux_weight / self.microbatches, []
         if self._schedule is None:
             self._schedule = self._build_schedule()
         losses: list[torch.Tensor] = []
-        first = self.stages[0].first
-        args = (ids_BT, doc_BT) if first else ()
+        args = (ids_BT, doc.view(rows, -1)) if self.stages[0].first else ()
         run = self._schedule.step if train else self._schedule.eval
         run(*args, target=labels_BT if self.has_last else None, losses=losses)
         lm = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=self.device)
         for s in self.stages:  # the first step also runs each stage once to infer shapes: not a micro-batch
             s.records = s.records[-self.microbatches :]
-        records = [r for s in self.stages for r in s.records]
-        aux = sum((r.loss for r in records), torch.zeros((), device=self.device)) / self.microbatches
-        load = None
-        if self.model.num_moe_layers:
-            E = self.model.cfg.moe.num_experts
-            load = torch.zeros(self.model.num_moe_layers, E, device=self.device)
-            local = [r.load_LE for s in self.stages for r in s.records]
-            if local:
-                # records: per stage, per micro-batch; rows: this rank's MoE layers in stage order
-                per_stage = []
-                for s in self.stages:
-                    if s.records:
-                        per_stage.append(torch.stack([r.load_LE for r in s.records]).sum(0))
+        aux = sum((r.loss for s in self.stages for r in s.records), lm.new_zeros(())) / self.microbatches
+        stats = [lm[None], aux[None]]
+        if self.model.num_moe_layers:  # this rank's rows (its MoE layers, stage by stage), zeros elsewhere
+            load = torch.zeros(self.model.num_moe_layers, self.model.cfg.moe.num_experts, device=self.device)
+            per_stage = [torch.stack([r.load_LE for r in s.records]).sum(0) for s in self.stages if s.records]
+            if per_stage:
                 load[self.model.moe_rows] = torch.cat(per_stage).float()
-        stats = torch.cat([lm[None], aux[None], *([] if load is None else [load.flatten()])])
+            stats.append(load.flatten())
+        stats = torch.cat(stats)
         dist.all_reduce(stats, group=self.group)
-        load = None if load is None else stats[2:].view_as(load)
-        return stats[0], stats[1], load
-
-    def output(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        rows: int,
-        token_count: float,
-        aux_weight: float = 1.0,
-        train: bool = True,
-    ) -> LMOutput:
-        """`step` as the model's output for the trainer (forward and backward have run; losses are detached):
-        the micro-batch's mean CE, the aux loss and the loads of every MoE layer (`PipelinedModel.moe_rows` are
-        this rank's)."""
-        lm, aux, load = self.step(input_ids, labels, cu_seqlens, rows, token_count, aux_weight, train)
         count = int((labels != -100).sum())
-        loss = lm * token_count / count if count else lm
-        return LMOutput(loss, None if load is None else aux, None, None, load)
+        loss = stats[0] * token_count / count if count else stats[0]  # sum of CE sums / token_count -> mean CE
+        load = stats[2:].view(self.model.num_moe_layers, -1) if self.model.num_moe_layers else None
+        return LMOutput(loss, stats[1] if load is not None else None, None, None, load)

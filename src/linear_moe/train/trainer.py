@@ -206,7 +206,7 @@ class Trainer:
         rows = input_ids.numel() // self.cfg.data.seq_len
         with self._autocast():
             aux_weight = 1 / (self.tc.grad_accum * self.token_ranks)
-            return runner.output(input_ids, labels, cu_seqlens, rows, total, aux_weight, train)
+            return runner.step(input_ids, labels, cu_seqlens, rows, total, aux_weight, train)
 
     def _train_step(self, step: int) -> StepResult:
         set_lr(self.optimizer, self.lr(step))
