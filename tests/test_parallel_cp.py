@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from dist_pool import dist_pool, grad_error, packed_batches, tiny_model, train_reference
-from linear_moe.parallel.cp import apply_cp, check_supported, cp_layout, shard_batch
+from linear_moe.parallel.cp import apply_cp, check_supported, cp_layout, final_state_and_transition, shard_batch
 
 ROW = 48
 
@@ -92,3 +92,23 @@ def test_cp_through_the_trainer_matches_one_process(tmp_path_factory):
     ref = reference("gdn-v2-hybrid", tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("gdn-cp")
     assert_matches(dist_pool(2).run(train_job, "gdn-v2-hybrid", {"cp": 2, "dp_shard": 1}, str(run_dir))[0], ref)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mixer", ["retnet", "gla", "gated_deltanet", "mamba2", "hgrn2"])
+def test_final_state_is_affine_in_the_initial_state(mixer, device):
+    """What cp builds on: the probe's S_final(0) and P give the mixer's own final state from a random initial
+    state (on CUDA through fla's kernels, float32)."""
+    model = tiny_model(mixer).to(device)
+    mix = model.layers[0].mixer
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, model.cfg.hidden_size, device=device)
+    carried = {k: torch.randn_like(v) for k, v in mix.init_state(2, device).items() if k.startswith("conv_")}
+    if "pos" in mix.state_spec():
+        carried["pos"] = torch.tensor([5, 0], device=device)
+    with torch.no_grad():
+        s0, P = final_state_and_transition(mix, mix.forward, x, carried)
+        start = torch.randn_like(s0)
+        _, st = mix(x, state={**mix.init_state(2, device), **carried, "recurrent": start})
+    tol = 1e-5 if device == "cpu" else 2e-3  # fla's kernels accumulate chunk products in tf32 / bf16 dots
+    torch.testing.assert_close(P @ start + s0, st["recurrent"], rtol=tol, atol=tol)

@@ -204,6 +204,28 @@ def _conv_carry(mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: to
     return {k: v if live else v * 0 for k, v in st.items() if k.startswith("conv_")}
 
 
+def final_state_and_transition(
+    mixer: nn.Module, run, x_RLD: torch.Tensor, carried: MixerState, with_transition: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_final(0) [R, H, K, V] and the transition P [R, H, K, K] (S_final(S0) = P S0 + S_final(0)) of the mixer over
+    the sequences `x_RLD`, with the other state entries `carried` (conv, pos; [R, ...]): one batched run from a zero
+    recurrent state and from ceil(K/V) identity blocks (P's columns; P = 0 without `with_transition`)."""
+    R = x_RLD.shape[0]
+    zero = mixer.init_state(R, x_RLD.device, x_RLD.dtype)
+    H, K, V = zero["recurrent"].shape[1:]
+    probes = -(-K // V) if with_transition else 0
+    eye = torch.eye(K, probes * V, device=x_RLD.device, dtype=zero["recurrent"].dtype)  # [K, probes*V]
+    blocks = eye.view(K, probes, V).permute(1, 0, 2)[:, None, None].expand(probes, R, H, K, V)
+    state = {k: v.repeat(1 + probes, *[1] * (v.dim() - 1)) for k, v in _rows_state(carried, zero, False).items()}
+    state["recurrent"] = torch.cat([zero["recurrent"], blocks.reshape(probes * R, H, K, V)])
+    _, st = run(x_RLD.repeat(1 + probes, 1, 1), state=state)
+    out_NHKV = st["recurrent"].view(1 + probes, R, H, K, V)
+    s0_RHKV = out_NHKV[0]
+    if not probes:
+        return s0_RHKV, torch.zeros(R, H, K, K, device=x_RLD.device, dtype=s0_RHKV.dtype)
+    return s0_RHKV, (out_NHKV[1:] - s0_RHKV).permute(1, 2, 3, 0, 4).reshape(R, H, K, probes * V)[..., :K]
+
+
 def _linear_forward(
     mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor, cu_seqlens: torch.Tensor | None
 ) -> torch.Tensor:
@@ -212,29 +234,14 @@ def _linear_forward(
     R = x.shape[0]
     conv = _conv_carry(mixer, run, cp, lay, x)
     zero = mixer.init_state(R, x.device, x.dtype)
-    H, K, V = zero["recurrent"].shape[1:]
-    # 1. this rank's last document from a zero state and from identity blocks: S_final(0) and P
-    L = lay.last_len[r]
-    x_last = x[:, x.shape[1] - L :]
-    probes = -(-K // V) if lay.single[r] else 0
-    eye = torch.eye(K, probes * V, device=x.device, dtype=zero["recurrent"].dtype)  # [K, probes*V]
-    blocks = eye.view(K, probes, V).permute(1, 0, 2)[:, None, None].expand(probes, R, H, K, V)
-    recurrent = torch.cat([zero["recurrent"], blocks.reshape(probes * R, H, K, V)])
-    # the conv carry always enters the probe (times 0 when the last document starts here): the gathers' backward
-    # collectives then run in the same order on every rank
+    V = zero["recurrent"].shape[-1]
+    # 1. this rank's last document: S_final(0) and P. The conv carry always enters (times 0 when the last
+    # document starts here): the gathers' backward collectives then run in the same order on every rank.
     last_carried = {k: v if lay.single[r] else v * 0 for k, v in conv.items()}
-    probe_state = {
-        k: v.repeat(1 + probes, *[1] * (v.dim() - 1)) for k, v in _rows_state(last_carried, zero, False).items()
-    }
-    probe_state["recurrent"] = recurrent
-    if "pos" in probe_state:
-        probe_state["pos"] = torch.full_like(probe_state["pos"], lay.last_offset[r])
-    _, st = run(x_last.repeat(1 + probes, 1, 1), state=probe_state)
-    out_NHKV = st["recurrent"].view(1 + probes, R, H, K, V)
-    s0_RHKV = out_NHKV[0]
-    P_RHKK = torch.zeros(R, H, K, K, device=x.device, dtype=s0_RHKV.dtype)
-    if probes:
-        P_RHKK = (out_NHKV[1:] - s0_RHKV).permute(1, 2, 3, 0, 4).reshape(R, H, K, probes * V)[..., :K]
+    if "pos" in zero:
+        last_carried["pos"] = torch.full_like(zero["pos"], lay.last_offset[r])
+    x_last = x[:, x.shape[1] - lay.last_len[r] :]
+    s0_RHKV, P_RHKK = final_state_and_transition(mixer, run, x_last, last_carried, lay.single[r])
     # 2. all-gather (S_final(0), P) and combine the earlier ranks' into this rank's initial state
     both = cp.gather(torch.cat([s0_RHKV, P_RHKK], dim=-1))  # [cp, R, H, K, V+K]
     s_in = both[0, ..., :V] * 0  # (kept in the graph on every rank, as above)
