@@ -219,15 +219,18 @@ def test_help_comes_from_docstrings():
     assert "--show-config" in res.stdout
 
 
-def test_show_config_prints_the_merged_config():
+def test_show_config_prints_the_merged_config(capsys, monkeypatch):
     import yaml
 
-    res = cli("train", "--show-config", "configs/default.yaml", "train.steps=7", "model.moe.family=qwen2_moe")
-    assert res.returncode == 0, res.stderr
-    shown = yaml.safe_load(res.stdout)
+    from linear_moe.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "--show-config", "configs/default.yaml", "train.steps=7", "model.moe.family=qwen2_moe"]) == 0
+    res = capsys.readouterr()
+    shown = yaml.safe_load(res.out)
     assert shown["train"]["steps"] == 7 and shown["train"]["keep_last"] == 2 and shown["finetune"]["data"] is None
     assert shown["model"]["moe"]["shared_expert_gate"] is True  # the family's preset applies, as in YAML
-    assert "  steps: 7  # default: 1200" in res.stdout.splitlines()
+    assert "  steps: 7  # default: 1200" in res.out.splitlines()
 
 
 @pytest.mark.parametrize("command", ["train", "finetune", "bench", "prepare"])
