@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from linear_moe.cli import main
 from linear_moe.data import Tokenizer
@@ -92,6 +93,7 @@ LOADER = textwrap.dedent(
         out[name] = {
             "class": type(model).__name__,
             "max_diff": (logits - torch.tensor(d["logits"])).abs().max().item(),
+            "loss": model(ids, labels=ids, use_cache=False).loss.item(),
             "greedy": gen[0].tolist(),
             "encoded": tok(d["text"]).input_ids,
         }
@@ -116,7 +118,10 @@ def test_exports_load_with_transformers_in_a_fresh_process(tmp_path, tokenizer_f
         ids = torch.randint(0, 300, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
             logits = model(ids).logits
+            lm = model(ids, labels=F.pad(ids[:, 1:], (0, 1), value=-100))  # our labels are already shifted
+            loss = lm.loss + (lm.aux_loss if lm.aux_loss is not None else 0)
         jobs[name] = {"dir": str(out), "ids": ids.tolist(), "logits": logits.tolist(), "new": NEW_TOKENS}
+        jobs[name]["loss"] = loss.item()
         jobs[name]["text"] = TEXT[:60]
         models[name] = model
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -133,6 +138,7 @@ def test_exports_load_with_transformers_in_a_fresh_process(tmp_path, tokenizer_f
     for name in exports:
         assert got[name]["class"] == "LinearMoEForCausalLM"
         assert got[name]["max_diff"] < 1e-4, (name, got[name]["max_diff"])
+        assert got[name]["loss"] == pytest.approx(jobs[name]["loss"], abs=1e-5), name  # transformers' label shift
         greedy = got[name]["greedy"]
         assert len(greedy) == PROMPT_LEN + NEW_TOKENS or tok.eos_id in greedy[PROMPT_LEN:], name
         assert is_our_greedy_continuation(models[name], greedy, PROMPT_LEN, tok.eos_id), (name, greedy)

@@ -4,8 +4,8 @@
 Export writes config.json (`LinearMoEConfig`, with `auto_map`), model.safetensors (the model's state dict under
 `model.`), generation_config.json, the tokenizer as `PreTrainedTokenizerFast` files, and two small modules
 (configuration_linear_moe.py, modeling_linear_moe.py) that import their classes from this package. Import reads
-such a directory back into a checkpoint directory (config.yaml, meta.json, tokenizer.json, DCP shards) that
-`finetune --from`, `train.resume=PATH` and `convert --to-hf` accept; the round trip is exact.
+such a directory back into a checkpoint directory (config.yaml, meta.json, tokenizer.json, DCP shards of the model
+only) that `finetune --from`, `linear-moe generate` and `convert --to-hf` accept; the round trip is exact.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def tokenizer_info(path: Path, vocab_size: int) -> dict[str, Any]:
             f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary has {vocab_size}; "
             "use the tokenizer the model was trained with"
         )
-    return {"eos_id": tok.eos_id, "eos": tok.hf.id_to_token(tok.eos_id), "size": tok.vocab_size}
+    return {"eos_id": tok.eos_id, "eos": tok.hf.id_to_token(tok.eos_id)}
 
 
 def write_tokenizer(out: Path, src: Path, info: dict[str, Any], max_len: int) -> None:
@@ -147,10 +147,7 @@ def save_hf(
     eos_id = info["eos_id"] if info else None
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / CONFIG_JSON, hf_config_dict(cfg, eos_id))
-        write_json(
-            tmp / "generation_config.json",
-            {"eos_token_id": eos_id, "pad_token_id": eos_id, "transformers_version": "5.0.0"},
-        )
+        write_json(tmp / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
         save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if info is not None:
             write_tokenizer(tmp, Path(tokenizer), info, cfg.max_seq_len)
