@@ -53,7 +53,7 @@ class DataConfig:
     text_field: str = "text"  # JSONL/Parquet field holding the text
     split_docs: bool = False  # .txt/.md inputs: one document per blank-line-separated block (else per file)
     seq_len: int = 128  # tokens per row
-    micro_batch_size: int = 8  # rows per micro-batch
+    micro_batch_size: int = 8  # rows per micro-batch, over all data-parallel ranks (each reads its share)
     seed: int = 0  # data order
 
 
