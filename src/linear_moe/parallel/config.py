@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError
 
-PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe", "InterleavedZeroBubble", "ZBVZeroBubble"]
+PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe"]  # the schedules parallel/pp.py builds
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")  # the dimensions whose product is the world size
 
 
