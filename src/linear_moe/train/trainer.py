@@ -35,6 +35,8 @@ from ..parallel.cp import shard_batch
 from ..parallel.grads import clip_grad_norm_
 from ..parallel.tp import loss_context
 from . import checkpoint as ckpt
+from .config import RunConfig
+from .interrupt import Interrupted, StopSignals
 from .logging import RunLogger
 from .metrics import load_fractions, load_imbalance, memory_gb, mfu, peak_flops
 from .optim import build_optimizer, set_lr
@@ -88,7 +90,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: RunConfig,
         model: nn.Module,
         data: BatchSource,
         val_data: BatchSource | None = None,
@@ -304,6 +306,18 @@ class Trainer:
         logger.log(self.step, record)
         self.history.append({"step": self.step, **record})
 
+    def _agreed_signal(self, signum: int | None) -> int | None:
+        """The stop signal any rank received this step (None if none did), the same on every rank, so that all ranks
+        save the same step and stop together. Exchanged over a gloo group: a host-side flag that never waits for the
+        GPU stream."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return signum
+        if getattr(self, "_signal_group", None) is None:
+            self._signal_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([signum or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._signal_group)
+        return int(flag) or None
+
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train from `self.step` to `train.steps` (or stop early after update `stop_at`, saving a
         checkpoint there, as an interruption would), logging, evaluating and saving on the way.
@@ -323,6 +337,7 @@ class Trainer:
         last_ckpt, val_loss = None, None
         t_start = t_window = time.perf_counter()
         tokens_window = 0
+        stop = StopSignals().install()  # SIGINT/SIGTERM: finish the step, save, raise Interrupted
         try:
             if self.step == 0 and tc.eval_every:  # the starting point of the validation curve
                 val_loss = self.evaluate()
@@ -349,9 +364,13 @@ class Trainer:
                     if val_loss is not None:
                         self._log(logger, {"split": "val", "loss": val_loss})
                         logger.write(f"step {self.step}: train loss {res.loss:.3f}, val loss {val_loss:.3f}")
-                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end:
+                signum = self._agreed_signal(stop.signum)
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == end or signum is not None:
                     last_ckpt = self.save()
+                if signum is not None:
+                    raise Interrupted(signum, self.step, last_ckpt)
         finally:
+            stop.restore()
             logger.close()
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         return {
