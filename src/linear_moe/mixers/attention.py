@@ -175,17 +175,17 @@ class Attention(Mixer):
     def _check_state(self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None) -> None:
         if state is None:
             return
+        n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+        S = state["k"].shape[2] if "k" in state and state["k"].dim() == 4 else -1
+        for key, spec in self.state_spec(S).items() if "k" in state else ():  # shapes first, then missing keys
+            if key in state and tuple(state[key].shape) != (n, *spec.shape):
+                raise ValueError(
+                    f"Attention: state[{key!r}] has shape {tuple(state[key].shape)}, expected {(n, *spec.shape)}"
+                )
         if any(key not in state for key in ("k", "v", "valid")):
             raise ValueError(
                 f"Attention: state must hold 'k', 'v' [B, Hkv, S, D] and 'valid' [B, S], got keys {list(state)}"
             )
-        n = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-        S = state["k"].shape[2] if state["k"].dim() == 4 else -1
-        for key, spec in self.state_spec(S).items():
-            if tuple(state[key].shape) != (n, *spec.shape):
-                raise ValueError(
-                    f"Attention: state[{key!r}] has shape {tuple(state[key].shape)}, expected {(n, *spec.shape)}"
-                )
 
     def sequence_flops(self, seq_len: int) -> float:
         # Causal q.k^T and p.v: on average (seq_len + 1) / 2 keys per query, 2 FLOPs per multiply-add each.
