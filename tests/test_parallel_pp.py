@@ -1,6 +1,6 @@
 """Pipeline parallelism (parallel/pp.py) on gloo: losses of a few AdamW steps and the first step's gradients match
-one process that runs the same micro-batches of rows, for 1F1B (an MoE hybrid: aux losses from every stage),
-GPipe and Interleaved1F1B, and for pp x dp on 4 ranks."""
+one process that runs the same micro-batches of rows, for 1F1B (an MoE hybrid: aux losses from every stage; RWKV-7,
+whose first layer's value crosses the stages), GPipe and Interleaved1F1B, and for pp x dp on 4 ranks."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ CASES = {
     "1F1B-moe-hybrid": ("gated_deltanet", "LN", "debug-qwen2-moe", 4, "1F1B", 2, 1),
     "GPipe-gla": ("gla", None, "debug-dense", 2, "GPipe", 4, 1),
     "interleaved-retnet-hybrid": ("retnet", "LLLN", "debug-mixtral", 4, "Interleaved1F1B", 2, 1),
+    "1F1B-rwkv7": ("rwkv7", None, "debug-dense", 4, "1F1B", 2, 1),  # v_first crosses the stages
 }
 
 
