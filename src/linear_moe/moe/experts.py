@@ -55,7 +55,10 @@ def _padded_bmm(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor)
     group_N = torch.repeat_interleave(torch.arange(E, device=x_NK.device), counts_E, output_size=N)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_N = torch.arange(N, device=x_NK.device) - starts_E[group_N]
-    capacity = int(counts_E.max())
+    # the largest group, read on the host; while a CUDA graph is captured (decode steps) no host read is allowed,
+    # so every group gets room for all N rows (N is a few tokens x top-k there)
+    capturing = x_NK.is_cuda and torch.cuda.is_current_stream_capturing()
+    capacity = N if capturing else int(counts_E.max())
     buf_ECK = x_NK.new_zeros(E, capacity, x_NK.shape[1]).index_put((group_N, rank_N), x_NK)
     return torch.bmm(buf_ECK, w_EKM)[group_N, rank_N]
 
