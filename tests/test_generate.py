@@ -294,7 +294,7 @@ def test_cli_prompts_file_runs_one_batch(checkpoint, tmp_path, monkeypatch, caps
 
 
 def test_cli_bad_inputs_are_one_line_errors(checkpoint, tmp_path, monkeypatch, capsys):
-    other = Tokenizer.train([TEXT], vocab_size=280)
+    other = Tokenizer.train([TEXT], vocab_size=400)  # 374 tokens: more than the model's 300 rows
     other.save(tmp_path / "other.json")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
@@ -310,3 +310,13 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoint, tmp_path, monkeypatch, c
         lines = err.strip().splitlines()
         assert code == 2 and lines[-1].startswith("error: ") and match in lines[-1], err
         assert "Traceback" not in err
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_never_samples_rows_without_a_token(checkpoint):
+    """A padded vocabulary (more rows than tokens, as Qwen's): generation loads and samples only known ids."""
+    small = Tokenizer.train([TEXT], vocab_size=280)
+    loaded = load_model(checkpoint, device="cpu")
+    assert small.vocab_size < loaded.config.vocab_size
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False, sampling=SamplingParams(temperature=5.0), seed=3)
+    out, _ = generate(loaded.model, [small.encode("The quick")], cfg, tokenizer=small)
+    assert len(out[0].ids) == 12 and max(out[0].ids) < small.vocab_size

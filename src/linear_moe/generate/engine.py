@@ -252,7 +252,13 @@ def _decode(model, prompts, logits_NV, states, config, tokenizer, eos_id, on_tex
     streams = [TextStream(tokenizer, config.stop) if tokenizer is not None else None for _ in range(N)]
     ids: list[list[int]] = [[] for _ in range(N)]
     reason: list[str | None] = [None] * N
+    # a model vocabulary padded beyond the tokenizer's (Qwen's 151,936 rows for 151,643 tokens): never sample the
+    # rows no token stands for
+    known = tokenizer.vocab_size if tokenizer is not None else logits_NV.shape[-1]
     for i in range(config.max_new_tokens):
+        if known < logits_NV.shape[-1]:
+            logits_NV = logits_NV.clone()
+            logits_NV[:, known:] = float("-inf")
         tokens_N = sample_next(logits_NV, params, seen_NV, generator)
         if seen_NV is not None:
             seen_NV[torch.arange(N), tokens_N] = True

@@ -71,7 +71,8 @@ def load_model(
     path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: str | Path | None = None
 ) -> LoadedModel:
     """The model of checkpoint (or run directory) `path` with its weights, in eval mode; `tokenizer` overrides the
-    checkpoint's tokenizer.json (its vocabulary must match the model's)."""
+    checkpoint's tokenizer.json (it may have fewer tokens than the model's vocabulary, as a padded vocabulary has;
+    never more)."""
     from ..data import Tokenizer
     from ..model import LinearMoEForCausalLM
 
@@ -81,7 +82,7 @@ def load_model(
     if not tok_path.is_file():
         raise ckpt.CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE}; pass --tokenizer FILE")
     tok = Tokenizer.from_file(tok_path)
-    if tok.vocab_size != cfg.vocab_size:
+    if tok.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}; "
             "use the tokenizer.json the model was trained with"
