@@ -317,6 +317,8 @@ def test_a_tokenizer_smaller_than_the_vocabulary_never_samples_rows_without_a_to
     small = Tokenizer.train([TEXT], vocab_size=280)
     loaded = load_model(checkpoint, device="cpu")
     assert small.vocab_size < loaded.config.vocab_size
+    with torch.no_grad():  # make the rows without a token the likeliest ones: unmasked, they would be sampled
+        loaded.model.lm_head.weight[small.vocab_size :] *= 100
     cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False, sampling=SamplingParams(temperature=5.0), seed=3)
     out, _ = generate(loaded.model, [small.encode("The quick")], cfg, tokenizer=small)
     assert len(out[0].ids) == 12 and max(out[0].ids) < small.vocab_size
