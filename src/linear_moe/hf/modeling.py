@@ -94,6 +94,7 @@ class LinearMoEForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        cache: LinearMoECache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T, V] (float32 math as our model). `labels` follow transformers (the
@@ -105,6 +106,8 @@ class LinearMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 "generate prompts of equal length or one at a time"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is None:  # transformers >= 5.2x passes the cache as `cache` (past_key_values deprecated)
+            past_key_values = cache
         states = past_key_values.states if past_key_values is not None else None
         out = self.model(input_ids, states=states, use_cache=bool(use_cache))
         loss = None
