@@ -130,12 +130,13 @@ def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.
     """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
 
     The rows go back to their (token, slot) places (`to_slots`: a gather when nothing is dropped, dropped slots
-    zero otherwise), and one batched [1, k] x [k, D] product per token applies the router weights and sums over
-    the k experts.
+    zero otherwise); then one elementwise product with the router weights and a sum over the k slots. (A batched
+    [1, k] x [k, D] `bmm` per token computes the same, but as T tiny matrix products it ran at a few percent of
+    the memory bandwidth: 20 ms of a 287 ms H200 step, against well under 1 ms for the product and sum.)
     """
     T, k = weights_TK.shape
     y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
-    return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
+    return (y_TkD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
 
 def permute_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
