@@ -4,6 +4,8 @@ whose first layer's value crosses the stages), GPipe and Interleaved1F1B, and fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -104,15 +106,17 @@ def test_doc_boundaries_and_split():
         split_layers(6, 4)
 
 
-def pp_trainer_job(case: str, layout: dict, run_dir: str) -> dict:
-    """`test_parallel_dp_ep.train_job` under pipeline parallelism: every rank returns its records and its stages'
-    parameters (the union is the whole model)."""
+def pp_trainer_job(case: str, layout: dict, run_dir: str, resume: str | None = None) -> dict:
+    """`test_parallel_dp_ep.train_job` under pipeline parallelism (from checkpoint `resume`): every rank returns
+    its records and its stages' parameters (the union is the whole model)."""
     from linear_moe.train.run import build_model
     from linear_moe.train.trainer import Trainer
     from test_parallel_dp_ep import ROWS, GlobalRows, run_config
 
     cfg = run_config(case, run_dir, layout)
     trainer = Trainer(cfg, build_model(cfg), GlobalRows(ROWS))
+    if resume is not None:
+        trainer.resume(Path(resume))
     trainer.fit()
     records = [r for r in trainer.history if r["split"] == "train"]
     result = {k: [r[k] for r in records] for k in ("loss", "aux_loss", "grad_norm", "tokens", "expert_load")}
@@ -120,15 +124,51 @@ def pp_trainer_job(case: str, layout: dict, run_dir: str) -> dict:
     return {**result, "state": {n: t.detach().clone() for n, t in state.items()}}
 
 
+PP2 = {"pp": 2, "dp_shard": 1, "pp_schedule": "GPipe", "pp_microbatches": 1}
+_PP_RUNS: dict[str, tuple[dict, dict]] = {}
+
+
+def pp_run(case: str, tmp_path_factory) -> tuple[dict, dict]:
+    """`case` trained under pp=2 on 2 ranks (checkpoints after each step under `run_dir`): both ranks' results."""
+    if case not in _PP_RUNS:
+        run_dir = tmp_path_factory.mktemp(f"{case}-pp")
+        first, last = dist_pool(2).run(pp_trainer_job, case, PP2, str(run_dir))
+        _PP_RUNS[case] = ({**first, "run_dir": run_dir}, last)
+    return _PP_RUNS[case]
+
+
 def test_pp_through_the_trainer_matches_one_process(tmp_path_factory):
     """pp=2 on 2 ranks through the Trainer (one pipeline micro-batch: the aux losses see the reference's rows)."""
     from test_parallel_dp_ep import assert_matches, reference
 
     ref = reference("gla-v3", tmp_path_factory)
-    layout = {"pp": 2, "dp_shard": 1, "pp_schedule": "GPipe", "pp_microbatches": 1}
-    first, last = dist_pool(2).run(pp_trainer_job, "gla-v3", layout, str(tmp_path_factory.mktemp("gla-pp")))
+    first, last = pp_run("gla-v3", tmp_path_factory)
     assert first["state"].keys().isdisjoint(last["state"].keys())
     assert {k: first[k] for k in ("loss", "aux_loss", "expert_load")} == {
         k: last[k] for k in ("loss", "aux_loss", "expert_load")
     }
     assert_matches({**first, "state": {**first["state"], **last["state"]}}, ref)
+
+
+def test_pp_checkpoints_move_between_layouts(tmp_path_factory):
+    """A checkpoint of step 1 of 3 written under pp=2 (each rank its own stage's parameters and Adam moments) resumes
+    in one process and under dp=2 (FSDP), and one process's resumes under pp=2: the two steps after it give the
+    losses, gradient norms and final parameters of the run that wrote it (DCP reshards by parameter name)."""
+    from test_parallel_dp_ep import reference, train_job
+
+    first, last = pp_run("gla-v3", tmp_path_factory)
+    pp_ckpt = str(first["run_dir"] / "checkpoints" / "step-0000001")
+    pp_state = {**first["state"], **last["state"]}
+    one = train_job("gla-v3", {}, str(tmp_path_factory.mktemp("one-from-pp")), pp_ckpt)
+    dp2 = dist_pool(2).run(train_job, "gla-v3", {}, str(tmp_path_factory.mktemp("dp-from-pp")), pp_ckpt)[0]
+    for got in (one, dp2):
+        assert got["loss"] == pytest.approx(first["loss"][1:], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(first["grad_norm"][1:], rel=1e-4)
+        torch.testing.assert_close(got["state"], pp_state, rtol=1e-4, atol=2e-5)
+
+    ref = reference("gla-v3", tmp_path_factory)
+    ref_ckpt = str(ref["run_dir"] / "checkpoints" / "step-0000001")
+    a, b = dist_pool(2).run(pp_trainer_job, "gla-v3", PP2, str(tmp_path_factory.mktemp("pp-from-one")), ref_ckpt)
+    assert a["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4)
+    torch.testing.assert_close({**a["state"], **b["state"]}, ref["state"], rtol=1e-4, atol=2e-5)
