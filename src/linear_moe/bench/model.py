@@ -27,7 +27,7 @@ from linear_moe.model.flops import count_params, flops_per_token
 from linear_moe.model.lm import LinearMoEForCausalLM
 from linear_moe.model.presets import get_preset
 from linear_moe.ops.autotune import limit_autotune
-from linear_moe.parallel import apply_step_options
+from linear_moe.parallel import StepOptions, apply_step_options
 
 DEFAULT_SHAPES = ("32x2048", "4x16384:packed")
 
@@ -129,12 +129,13 @@ def run(args: argparse.Namespace) -> Report:
     for mixer in args.mixer:
         cfg = model_config(args, mixer)
         model = build_model(cfg, device, bf16=args.precision == "bf16")
-        apply_step_options(model, args.activation_checkpointing, args.checkpoint_experts, args.compile)
+        apply_step_options(model, StepOptions.of(args))
         print(
             f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
             f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} "
             f"compile={args.compile} autotune={args.autotune} ac={args.activation_checkpointing} "
-            f"ckpt_experts={args.checkpoint_experts} vocab={cfg.vocab_size}",
+            f"ckpt_experts={args.checkpoint_experts} expert_chunk={args.expert_chunk} "
+            f"offload={args.offload_activations} vocab={cfg.vocab_size}",
             flush=True,
         )
         for _, b, t, packed in shapes:

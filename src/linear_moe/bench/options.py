@@ -116,6 +116,18 @@ def _model(p: argparse.ArgumentParser) -> None:
         help="recompute only the routed experts in backward (as train.checkpoint_experts)",
     )
     p.add_argument(
+        "--expert-chunk",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="routed experts in chunks of TOKENS tokens, each recomputed in backward (as train.expert_chunk)",
+    )
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep saved activations in host memory (as train.offload_activations)",
+    )
+    p.add_argument(
         "--profile",
         type=int,
         default=0,

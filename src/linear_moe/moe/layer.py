@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from linear_moe.moe import balance
 from linear_moe.moe.config import MoEConfig
@@ -33,6 +34,9 @@ class MoELayer(nn.Module):
     Scale-out swaps two attributes (see `linear_moe.parallel`): `dispatcher`, the `TokenDispatcher` that brings
     rows to the experts (`LocalDispatcher`; `AllToAllDispatcher` when the experts are split over ranks), and
     `stats_group`, the process group over which the balance losses count expert assignments (None: this rank).
+    A third, `recompute_chunk` (tokens, None: off), is set by `train.expert_chunk` (`parallel/checkpointing.py`):
+    the routed experts then run on the tokens in chunks of that many, each chunk recomputed in backward, so their
+    activations exist for one chunk at a time (what lets 1M-token sequences fit; the router still sees all tokens).
     """
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, backend: str = "auto"):
@@ -49,6 +53,7 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
         self.stats_group: torch.distributed.ProcessGroup | None = None
+        self.recompute_chunk: int | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -70,14 +75,35 @@ class MoELayer(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         r = self.router(x_ND, self.expert_bias)
-        rows_MD, counts_E, ctx = self.dispatcher.dispatch(x_ND, r)
-        y_ND = self.dispatcher.combine(self.experts(rows_MD, counts_E), ctx, r.weights_TK)
+        chunk = self.recompute_chunk
+        if chunk is None or x_ND.shape[0] <= chunk:
+            y_ND, kept = self._routed(x_ND, r.experts_TK, r.weights_TK)
+        else:  # every chunk through `checkpoint`: only its slice of x_ND (a view) is kept for backward
+            pieces = [
+                checkpoint(
+                    self._routed,
+                    x_ND[s : s + chunk],
+                    r.experts_TK[s : s + chunk],
+                    r.weights_TK[s : s + chunk],
+                    use_reentrant=False,
+                )
+                for s in range(0, x_ND.shape[0], chunk)
+            ]
+            y_ND = torch.cat([y for y, _ in pieces])
+            kept = sum(k for _, k in pieces)
         if self.shared_experts is not None:
             shared_ND = self.shared_experts(x_ND)
             if self.shared_expert_gate is not None:
                 shared_ND = shared_ND * torch.sigmoid(self.shared_expert_gate(x_ND))
             y_ND = y_ND + shared_ND
-        return y_ND.view(B, T, D), self._aux(r, B, ctx.kept)
+        return y_ND.view(B, T, D), self._aux(r, B, kept)
+
+    def _routed(
+        self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts' weighted sum at each token [N, D], and the assignments kept (capacity limit)."""
+        rows_MD, counts_E, ctx = self.dispatcher.dispatch(x_ND, Routing(None, None, experts_NK, weights_NK))
+        return self.dispatcher.combine(self.experts(rows_MD, counts_E), ctx, weights_NK), ctx.kept
 
     def _aux(self, r: Routing, B: int, kept: torch.Tensor) -> MoEAux:
         cfg = self.cfg

@@ -3,7 +3,7 @@ FSDP2, expert / tensor / context / pipeline parallelism, activation checkpointin
 See docs/parallel.md."""
 
 from .checkpointing import apply_activation_checkpointing, apply_expert_checkpointing, moe_layers, transformer_blocks
-from .compile import apply_step_options, compile_blocks
+from .compile import StepOptions, apply_step_options, compile_blocks
 from .config import ParallelConfig, check_layout
 from .mesh import ParallelMesh, build_mesh
 from .parallelize import parallelize
@@ -11,6 +11,7 @@ from .parallelize import parallelize
 __all__ = [
     "ParallelConfig",
     "ParallelMesh",
+    "StepOptions",
     "apply_activation_checkpointing",
     "apply_expert_checkpointing",
     "apply_step_options",

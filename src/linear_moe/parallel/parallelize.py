@@ -1,5 +1,5 @@
 """`parallelize`: apply a run's layout to a built model from outside its layers, in torchtitan's order:
-pipeline split -> tensor parallel -> expert parallel -> context parallel -> activation checkpointing / compile ->
+pipeline split -> tensor parallel -> expert parallel -> context parallel -> checkpointing / compile / offload ->
 FSDP2. Under pipeline parallelism the result is this rank's part (`PipelinedModel`, whose `runner` runs a step).
 
 Every rank builds the whole model from the same seed, so sharding starts from the single-process initialisation
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compile import apply_step_options
+from .compile import StepOptions, apply_step_options
 from .config import ParallelConfig
 from .mesh import ParallelMesh
 
@@ -22,9 +22,7 @@ def parallelize(
     mesh: ParallelMesh | None,
     *,
     device: torch.device,
-    activation_checkpointing: bool = False,
-    checkpoint_experts: bool = False,
-    compile: bool = False,
+    options: StepOptions | None = None,
     param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """`model` on `device`, split by the resolved `cfg` over `mesh` (None: one process, no process group).
@@ -54,7 +52,7 @@ def parallelize(
         from .cp import apply_cp
 
         apply_cp(model, mesh)
-    apply_step_options(model, activation_checkpointing, checkpoint_experts, compile)
+    apply_step_options(model, options or StepOptions())
     if mesh is not None:
         from .fsdp import apply_fsdp
 

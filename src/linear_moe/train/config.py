@@ -74,6 +74,8 @@ class TrainConfig:
     dtype: Dtype = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each block in backward (non-reentrant)
     checkpoint_experts: bool = False  # recompute only the routed experts in backward (their activations dominate)
+    expert_chunk: int = 0  # routed experts in chunks of this many tokens, each recomputed in backward (0 = off)
+    offload_activations: bool = False  # saved activations in host memory (with checkpointing: the block inputs)
     compile: bool = False  # torch.compile each block
     autotune: Autotune = "full"  # Triton configs fla's autotuners try: full (fla's lists) | few (three) | one
     log_every: int = 10  # steps between training log records
@@ -214,7 +216,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     positive = {"train.steps": tc.steps, "train.grad_accum": tc.grad_accum, "train.log_every": tc.log_every}
     positive |= {"data.seq_len": dc.seq_len, "data.micro_batch_size": dc.micro_batch_size}
     _check_at_least(positive, 1)
-    non_negative = {f"train.{k}": getattr(tc, k) for k in ("save_every", "eval_every", "keep_last", "eval_batches")}
+    non_negative = {f"train.{k}": getattr(tc, k) for k in ("save_every", "eval_every", "keep_last", "eval_batches", "expert_chunk")}
     non_negative |= {f"train.{k}": getattr(tc, k) for k in ("grad_clip", "weight_decay", "warmup", "seed")}
     non_negative |= {f"train.{k}": getattr(tc, k) for k in ("sample_tokens", "sample_temperature", "sample_top_k")}
     non_negative |= {"data.seed": dc.seed}

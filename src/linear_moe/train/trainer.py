@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from ..ops.autotune import limit_autotune
-from ..parallel import ParallelConfig, build_mesh, moe_layers, parallelize
+from ..parallel import ParallelConfig, StepOptions, build_mesh, moe_layers, parallelize
 from ..parallel.config import run_layout
 from ..parallel.cp import shard_batch
 from ..parallel.grads import clip_grad_norm_
@@ -120,9 +120,7 @@ class Trainer:
             self.layout,
             self.mesh,
             device=self.device,
-            activation_checkpointing=self.tc.activation_checkpointing,
-            checkpoint_experts=self.tc.checkpoint_experts,
-            compile=self.tc.compile,
+            options=StepOptions.of(self.tc),
             param_dtype=self.amp_dtype,
         )
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
