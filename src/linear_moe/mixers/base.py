@@ -68,6 +68,10 @@ class Mixer(nn.Module):
     num_heads: int
     layer_idx: int
     uses_num_layers: ClassVar[bool] = False  # the constructor takes `num_layers` (a depth-dependent init)
+    # the layer's index of this module's first head: tensor parallelism runs heads [head_offset, head_offset +
+    # num_heads) of the layer on each rank, so constants made from a head's index (RetNet's and lightning
+    # attention's decays) read it
+    head_offset: int = 0
 
     def forward(
         self,

@@ -74,10 +74,13 @@ class LightningAttention(_linear.LinearMixer):
         self._init_output(use_output_gate, gate_fn, norm_eps, norm_per_head)
         self.act = None if activation is None else ELEMENTWISE[activation]
         self.scale, self.num_layers = scale, num_layers
+        self.total_heads = num_heads  # the slopes depend on the layer's head count (a tp rank runs a slice)
 
     def log_decay(self, device: torch.device | None = None) -> torch.Tensor:
-        """log lambda_h = -slope_h, [H] float32."""
-        return -lightning_slopes(self.num_heads, self.layer_idx, self.num_layers, device)
+        """log lambda_h = -slope_h of this module's heads h = head_offset .. head_offset + num_heads - 1, [H]
+        float32."""
+        slopes = lightning_slopes(self.total_heads, self.layer_idx, self.num_layers, device)
+        return -slopes[self.head_offset : self.head_offset + self.num_heads]
 
     def state_spec(self) -> dict[str, StateSpec]:
         return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}

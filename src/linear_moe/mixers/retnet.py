@@ -63,6 +63,10 @@ class MultiScaleRetention(_linear.LinearMixer):
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.rotary = RotaryEmbedding(hk, rope_theta)
 
+    def log_decay(self, device: torch.device | None = None) -> torch.Tensor:
+        """log gamma_h of this module's heads h = head_offset .. head_offset + num_heads - 1, [H] float32."""
+        return retention_log_decay(self.head_offset + self.num_heads, device)[self.head_offset :]
+
     def state_spec(self) -> dict[str, StateSpec]:
         return {
             "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)),
@@ -82,7 +86,7 @@ class MultiScaleRetention(_linear.LinearMixer):
             q=q,
             k=k,
             v=v,
-            g_gamma=retention_log_decay(self.num_heads, x.device),
+            g_gamma=self.log_decay(x.device),
             initial_state=None if state is None else state["recurrent"],
             output_final_state=keep,
             cu_seqlens=cu_seqlens,
