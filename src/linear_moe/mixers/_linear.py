@@ -113,7 +113,7 @@ class LinearMixer(Projections, GatedOutput):
 
     def linear_spec(self, key_dim: int, normalize: bool) -> dict[str, StateSpec]:
         """`recurrent` [H, key_dim, V], `normalizer` [1, H, key_dim] (with `normalize`), and the conv states."""
-        spec = {"recurrent": StateSpec((self.num_heads, key_dim, self.head_v_dim))}
+        spec = {"recurrent": StateSpec((self.num_heads, key_dim, self.head_v_dim), kind="diagonal")}  # no decay
         if normalize:
-            spec["normalizer"] = StateSpec((1, self.num_heads, key_dim))
+            spec["normalizer"] = StateSpec((1, self.num_heads, key_dim), kind="diagonal")
         return {**spec, **self.conv_spec()}

@@ -46,10 +46,8 @@ class Projections(Mixer):
     def conv_spec(self) -> dict[str, StateSpec]:
         if not self.use_short_conv:
             return {}
-        return {
-            f"conv_{n}": StateSpec((dim, getattr(self, f"{n}_conv1d").kernel_size - 1), None)
-            for n, dim in self.proj_dims.items()
-        }
+        held = {n: getattr(self, f"{n}_conv1d").kernel_size - 1 for n in self.proj_dims}  # the last W-1 inputs
+        return {f"conv_{n}": StateSpec((dim, held[n]), None, "window", held[n]) for n, dim in self.proj_dims.items()}
 
     def project(
         self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool

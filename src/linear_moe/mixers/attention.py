@@ -75,8 +75,8 @@ class Attention(Mixer):
 
     def state_spec(self, max_seq_len: int = 0) -> dict[str, StateSpec]:
         """`k`, `v` [Hkv, S, D] in the compute dtype and `valid` [S] (bool) for a cache of S = `max_seq_len` slots."""
-        kv = StateSpec((self.num_kv_heads, max_seq_len, self.head_dim), None)
-        return {"k": kv, "v": kv, "valid": StateSpec((max_seq_len,), torch.bool)}
+        kv = StateSpec((self.num_kv_heads, max_seq_len, self.head_dim), None, "cache")
+        return {"k": kv, "v": kv, "valid": StateSpec((max_seq_len,), torch.bool, "cache")}
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_seq_len: int | None = None) -> MixerState:
         """An empty KV cache of `max_seq_len` slots per row (no valid slot: equivalent to `state=None`); `device` and

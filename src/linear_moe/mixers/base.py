@@ -42,7 +42,8 @@ MixerState = dict[str, torch.Tensor]
 @dataclass
 class MixerContext:
     """Values one forward hands from layer to layer. The model makes a fresh one per forward; a pipeline stage
-    receives it from the previous stage and sends it on. Fields are None until a layer sets them."""
+    receives it from the previous stage and sends it on. Fields are None until a layer sets them; every field is
+    per token, [B, T, ...] like the hidden states, so it follows any split of the rows or of the sequence."""
 
     v_first: torch.Tensor | None = None  # RWKV-7: the value of the first RWKV-7 layer [B, T, value_dim]
 
@@ -50,15 +51,37 @@ class MixerContext:
         """The fields that are set (what a pipeline stage sends)."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
+    def map(self, fn) -> MixerContext:
+        """A new context holding `fn(t)` for every set field `t` (context parallelism runs a mixer again on a part
+        of its tokens: it hands the mixer the same part of the context, and what the run sets stays there)."""
+        return MixerContext(**{k: fn(v) for k, v in self.tensors().items()})
+
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state tensor: `shape` per row (the batch or document dimension comes first and is not listed) and
+    """One state tensor: `shape` per row (the batch or document dimension comes first and is not listed),
     `dtype` (None: the compute dtype of the inputs, e.g. short-conv and token-shift states; float32 for the
-    recurrent states fla's kernels keep; int64 for counters)."""
+    recurrent states fla's kernels keep; int64 for counters), and `kind`: how the value after a stretch of tokens
+    depends on the value before it, which is what lets context parallelism carry it between ranks (STATE_KINDS;
+    None: not declared, such a mixer runs without cp). `window`: the number of last inputs a "window" state holds.
+
+    A "matrix" or "diagonal" state's final value must depend on its own initial value only (not on the initial
+    values of the mixer's other keys), given the "window" and "position" entries."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = torch.float32
+    kind: str | None = None
+    window: int = 0
+
+
+STATE_KINDS = {
+    "matrix": "S [..., K, V] -> P S + S(0) with a transition P [..., K, K] (delta rules)",
+    "diagonal": "S -> d * S + S(0) element-wise (decays of any shape, running sums)",
+    "window": "a function of the last `window` inputs x alone, zeros before a sequence starts (short-conv inputs, "
+    "token shift)",
+    "position": "the number of tokens seen since the sequence started (RoPE offsets)",
+    "cache": "every past key and value (softmax attention's KV cache)",
+}
 
 
 class Mixer(nn.Module):

@@ -76,7 +76,8 @@ class DeltaNet(Projections, GatedOutput):
         self.add_output(self.value_dim, hv, "swish" if use_gate else None, norm_eps)
 
     def state_spec(self) -> dict[str, StateSpec]:
-        return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
+        spec = {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim), kind="matrix")}
+        return {**spec, **self.conv_spec()}
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         (q, k, v), new_state = self.project(x, state, cu_seqlens, keep)

@@ -84,7 +84,8 @@ class GatedDeltaNet(Projections, GatedOutput):
         self.add_output(self.value_dim, self.head_v_dim, gate, norm_eps)
 
     def state_spec(self) -> dict[str, StateSpec]:
-        return {"recurrent": StateSpec((self.num_v_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
+        spec = {"recurrent": StateSpec((self.num_v_heads, self.head_k_dim, self.head_v_dim), kind="matrix")}
+        return {**spec, **self.conv_spec()}
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         (q, k, v), new_state = self.project(x, state, cu_seqlens, keep)

@@ -85,7 +85,7 @@ class HGRNAttention(Projections, GatedOutput):
         add_lower_bound(self, self.input_dim, num_layers)
 
     def state_spec(self) -> dict[str, StateSpec]:
-        return {"recurrent": StateSpec((self.input_dim,)), **self.conv_spec()}
+        return {"recurrent": StateSpec((self.input_dim,), kind="diagonal"), **self.conv_spec()}  # lambda_t
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         (i, f), new_state = self.project(x, state, cu_seqlens, keep)

@@ -58,7 +58,8 @@ class HGRN2Attention(Projections, GatedOutput):
         add_lower_bound(self, self.forget_dim, num_layers)
 
     def state_spec(self) -> dict[str, StateSpec]:
-        return {"recurrent": StateSpec((self.num_heads, self.head_f_dim, self.head_i_dim)), **self.conv_spec()}
+        spec = {"recurrent": StateSpec((self.num_heads, self.head_f_dim, self.head_i_dim), kind="diagonal")}  # lambda_t
+        return {**spec, **self.conv_spec()}
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         (q, f, i), new_state = self.project(x, state, cu_seqlens, keep)

@@ -83,7 +83,9 @@ class LightningAttention(_linear.LinearMixer):
         return -slopes[self.head_offset : self.head_offset + self.num_heads]
 
     def state_spec(self) -> dict[str, StateSpec]:
-        return {"recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)), **self.conv_spec()}
+        shape = (self.num_heads, self.head_k_dim, self.head_v_dim)
+        spec = {"recurrent": StateSpec(shape, kind="diagonal")}  # a decay per head
+        return {**spec, **self.conv_spec()}
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         q, k, v, new_state = self.project_qkv(x, state, cu_seqlens, keep)

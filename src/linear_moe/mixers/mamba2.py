@@ -93,9 +93,10 @@ class Mamba2(Mixer):
         self.out_proj = nn.Linear(inner, hidden_size, bias=use_bias)
 
     def state_spec(self) -> dict[str, StateSpec]:
+        w = self.conv1d.kernel_size
         return {
-            "recurrent": StateSpec((self.num_heads, self.ssm_state_size, self.head_dim)),
-            "conv_xbc": StateSpec((self.conv_dim, self.conv1d.kernel_size - 1), None),
+            "recurrent": StateSpec((self.num_heads, self.ssm_state_size, self.head_dim), kind="diagonal"),  # exp(dt A)
+            "conv_xbc": StateSpec((self.conv_dim, w - 1), None, "window", w - 1),
         }
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):

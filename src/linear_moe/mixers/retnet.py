@@ -69,8 +69,8 @@ class MultiScaleRetention(_linear.LinearMixer):
 
     def state_spec(self) -> dict[str, StateSpec]:
         return {
-            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)),
-            "pos": StateSpec((), torch.long),
+            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim), kind="diagonal"),  # gamma_h
+            "pos": StateSpec((), torch.long, "position"),
             **self.conv_spec(),
         }
 

@@ -103,8 +103,8 @@ class RWKV6Attention(Mixer):
 
     def state_spec(self) -> dict[str, StateSpec]:
         return {
-            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim)),
-            "shift": StateSpec((self.hidden_size,), None),
+            "recurrent": StateSpec((self.num_heads, self.head_k_dim, self.head_v_dim), kind="diagonal"),  # diag(w_t)
+            "shift": StateSpec((self.hidden_size,), None, "window", 1),
         }
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):

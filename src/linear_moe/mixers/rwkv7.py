@@ -126,8 +126,8 @@ class RWKV7Attention(Mixer):
 
     def state_spec(self) -> dict[str, StateSpec]:
         return {
-            "recurrent": StateSpec((self.num_heads, self.head_dim, self.head_v_dim)),
-            "shift": StateSpec((self.hidden_size,), None),
+            "recurrent": StateSpec((self.num_heads, self.head_dim, self.head_v_dim), kind="matrix"),
+            "shift": StateSpec((self.hidden_size,), None, "window", 1),
         }
 
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
