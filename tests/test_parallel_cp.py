@@ -1,8 +1,13 @@
-"""Context parallelism (parallel/cp.py) on gloo: losses and parameters after a few AdamW steps match one process,
-for a scalar-decay (retnet, with RoPE offsets), a vector-decay (gla, with short convolutions) and a delta-rule
-mixer (gated_deltanet) in a hybrid stack with softmax attention, packed documents crossing the ranks' slices."""
+"""Context parallelism (parallel/cp.py) on gloo: losses and first-step gradients of a few AdamW steps match one
+process, packed documents crossing the ranks' slices, for every kind of state cp carries: scalar decay with RoPE
+offsets (retnet), vector decays (gla, hgrn's vector state), short-conv and token-shift windows (gla, hgrn, rebased,
+rwkv6, rwkv7), feature-mapped sums with a normalizer (based, rebased), delta rules (gated_deltanet with softmax
+attention, rwkv7 with v_first of layer 0); cp=4 folds transitions across ranks; every mixer's declared kinds are
+checked against its own final state."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +15,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from dist_pool import dist_pool, grad_error, packed_batches, tiny_model, train_reference
-from linear_moe.parallel.cp import apply_cp, check_supported, cp_layout, final_state_and_transition, shard_batch
+from linear_moe.mixers import MIXERS, MixerContext
+from linear_moe.parallel.cp import (
+    apply_cp,
+    apply_transition,
+    check_supported,
+    cp_layout,
+    final_state_and_transition,
+    shard_batch,
+)
 
 ROW = 48
 
@@ -22,14 +35,16 @@ def _row(ids, labels, cu, d):
     return ids[:, a:b], labels[:, a:b], torch.tensor(local, dtype=cu.dtype)
 
 
-def cp_job(mixer: str, pattern: str | None, dp: int, kwargs: dict) -> tuple[list[float], list[float], float]:
+def cp_job(
+    mixer: str, pattern: str | None, dp: int, kwargs: dict, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], list[float], float]:
     """dp x cp ranks (each dp rank one row, split over cp), 3 AdamW steps: (reference losses, parallel losses, the
     first step's gradient error)."""
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "cp"))
     batches = packed_batches(3, rows=dp, row_len=ROW)
-    ref_losses, ref_grads = train_reference(tiny_model(mixer, pattern, **kwargs), batches)
-    model = tiny_model(mixer, pattern, **kwargs)
+    ref_losses, ref_grads = train_reference(tiny_model(mixer, pattern, **kwargs).to(dtype), batches)
+    model = tiny_model(mixer, pattern, **kwargs).to(dtype)
     apply_cp(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, grads = [], {}
@@ -53,13 +68,30 @@ CASES = {
     "retnet": ("retnet", None, {}),  # scalar decay, RoPE offsets in the carried state
     "gla-conv": ("gla", None, {"use_short_conv": True}),  # vector decay, short-conv halos
     "gdn-hybrid": ("gated_deltanet", "LN", {}),  # delta rule + softmax attention (all-gathered KV)
+    "hgrn-conv": ("hgrn", None, {"use_short_conv": True}),  # a vector state (element-wise decay), short convs
+    "based": ("based", None, {}),  # feature-mapped keys: the state and the normalizer (running sums)
+    # float64: ReBased's normaliser phi(q).z amplifies float32 rounding (first-step gradients of cp and one process
+    # ~1e-4 apart in float32, 1e-15 in float64)
+    "rebased-conv": ("rebased", None, {"use_short_conv": True}, torch.float64),
+    "rwkv6": ("rwkv6", None, {}),  # token shift: the previous rank's last token
+    "rwkv7": ("rwkv7", None, {}),  # generalised delta rule, token shift, v_first of layer 0 in layer 1
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_cp_matches_one_process(case):
-    mixer, pattern, kwargs = CASES[case]
-    for ref, got, diff in dist_pool(2).run(cp_job, mixer, pattern, 1, kwargs):
+    for ref, got, diff in dist_pool(2).run(cp_job, *CASES[case][:2], 1, *CASES[case][2:]):
+        assert got == pytest.approx(ref, rel=1e-5)
+        assert diff < 1e-5
+
+
+@pytest.mark.parametrize("case", ["rwkv7", "hgrn-conv"])
+def test_cp4_folds_the_transitions_of_earlier_ranks(case):
+    """cp=4 (12 tokens a rank): a document spans whole ranks, so a rank's initial state is the earlier ranks'
+    final states folded through their transitions (a matrix for RWKV-7, a diagonal for HGRN)."""
+    batches = packed_batches(3, rows=1, row_len=ROW)
+    assert any(len(cp_layout(cu.tolist(), ROW, 1, 0, 4).chain(r)) > 1 for _, _, cu in batches for r in range(4))
+    for ref, got, diff in dist_pool(4).run(cp_job, *CASES[case][:2], 1, *CASES[case][2:]):
         assert got == pytest.approx(ref, rel=1e-5)
         assert diff < 1e-5
 
@@ -80,9 +112,20 @@ def test_cp_layout_by_hand():
     assert lay.chain(2) == [1] and lay.chain(3) == [1, 2] and lay.chain(1) == [0]
 
 
-def test_cp_refuses_unknown_states():
-    with pytest.raises(ValueError, match="cp cannot carry"):
-        check_supported(tiny_model("rwkv7").layers[0].mixer)
+def test_cp_refuses_states_it_cannot_carry():
+    mixer = tiny_model("gla").layers[0].mixer
+    spec = mixer.state_spec()
+    for changes, why in (
+        ({"kind": None}, "'recurrent': its StateSpec declares no kind"),
+        ({"kind": "cache"}, "'recurrent': a KV cache is exchanged only for the softmax Attention mixer"),
+        ({"kind": "matrix", "shape": (64,)}, r"'recurrent': a 'matrix' state needs a shape \[..., K, V\], got \[64\]"),
+        ({"kind": "window", "window": 0}, "'recurrent': a 'window' state needs window >= 1, got 0"),
+    ):
+        mixer.state_spec = lambda changes=changes: {"recurrent": dataclasses.replace(spec["recurrent"], **changes)}
+        with pytest.raises(ValueError, match=f"mixer GatedLinearAttention keeps state that cp cannot carry \\({why};"):
+            check_supported(mixer)
+    for name in MIXERS:  # every built-in mixer declares states cp carries
+        check_supported(tiny_model(name).layers[0].mixer)
 
 
 def test_cp_through_the_trainer_matches_one_process(tmp_path_factory):
@@ -94,21 +137,30 @@ def test_cp_through_the_trainer_matches_one_process(tmp_path_factory):
     assert_matches(dist_pool(2).run(train_job, "gdn-v2-hybrid", {"cp": 2, "dp_shard": 1}, str(run_dir))[0], ref)
 
 
+LINEAR_MIXERS = ["retnet", "gla", "gated_deltanet", "mamba2", "hgrn2", "based", "rebased", "rwkv6", "rwkv7", "hgrn"]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("mixer", ["retnet", "gla", "gated_deltanet", "mamba2", "hgrn2"])
+@pytest.mark.parametrize("mixer", LINEAR_MIXERS)
 def test_final_state_is_affine_in_the_initial_state(mixer, device):
-    """What cp builds on: the probe's S_final(0) and P give the mixer's own final state from a random initial
-    state (on CUDA through fla's kernels, float32)."""
+    """What cp builds on, and the check of every mixer's declared StateSpec kinds: the probe's S_final(0) and
+    transition give the mixer's own final states from random initial states (on CUDA through fla's kernels,
+    float32)."""
     model = tiny_model(mixer).to(device)
-    mix = model.layers[0].mixer
+    mix = model.layers[1].mixer  # (RWKV-7: a layer that mixes in v_first)
+    spec = mix.state_spec()
     torch.manual_seed(1)
     x = torch.randn(2, 24, model.cfg.hidden_size, device=device)
-    carried = {k: torch.randn_like(v) for k, v in mix.init_state(2, device).items() if k.startswith("conv_")}
-    if "pos" in mix.state_spec():
+    carried = {k: torch.randn_like(v) for k, v in mix.init_state(2, device).items() if spec[k].kind == "window"}
+    if "pos" in spec:
         carried["pos"] = torch.tensor([5, 0], device=device)
+    context = MixerContext(v_first=torch.randn(2, 24, mix.value_dim, device=device)) if mixer == "rwkv7" else None
     with torch.no_grad():
-        s0, P = final_state_and_transition(mix, mix.forward, x, carried)
-        start = torch.randn_like(s0)
-        _, st = mix(x, state={**mix.init_state(2, device), **carried, "recurrent": start})
+        pairs = final_state_and_transition(mix, mix.forward, x, carried, context=context)
+        start = {k: torch.randn_like(s0) for k, (s0, _) in pairs.items()}
+        _, st = mix(x, state={**mix.init_state(2, device), **carried, **start}, context=context)
+    assert pairs.keys() == {k for k, s in spec.items() if s.kind in ("matrix", "diagonal")} != set()
     tol = 1e-5 if device == "cpu" else 2e-3  # fla's kernels accumulate chunk products in tf32 / bf16 dots
-    torch.testing.assert_close(P @ start + s0, st["recurrent"], rtol=tol, atol=tol)
+    for k, (s0, T) in pairs.items():
+        got = apply_transition(spec[k], T, start[k]) + s0
+        torch.testing.assert_close(got, st[k], rtol=tol, atol=tol)

@@ -1,6 +1,7 @@
 """Pipeline parallelism (parallel/pp.py) on gloo: losses of a few AdamW steps and the first step's gradients match
 one process that runs the same micro-batches of rows, for 1F1B (an MoE hybrid: aux losses from every stage; RWKV-7,
-whose first layer's value crosses the stages), GPipe and Interleaved1F1B, and for pp x dp on 4 ranks."""
+whose first layer's value crosses the stages), GPipe and Interleaved1F1B, and for pp x dp on 4 ranks; through the
+Trainer, and checkpoints moving between pp=2, one process and dp=2."""
 
 from __future__ import annotations
 

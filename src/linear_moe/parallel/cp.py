@@ -1,19 +1,29 @@
 """Context parallelism: the sequence of a step split over `cp` ranks, LASP-2 style (arXiv:2502.07563).
 
-Each rank holds one contiguous slice of the packed sequence and runs every layer on it. A linear mixer's state
-S [K, V] (per head) evolves linearly in its initial state, so over a slice
+Each rank holds one contiguous slice of the packed sequence and runs every layer on it. What the mixer carries
+from one token to the next is declared per state entry by its `StateSpec.kind` (mixers/base.py), and each kind
+has its own way across a rank boundary:
 
-    S_final(S0) = P S0 + S_final(0),        P [K, K] the slice's transition
+- "matrix" S [..., K, V] (the delta rules: deltanet, gated_deltanet, RWKV-7) evolves linearly in its initial value,
 
-(a scalar decay makes P a multiple of I, a vector decay a diagonal, the delta rule a full matrix). Each rank gets
-S_final(0) and P of its last document by running the mixer once more on that document with a zero initial state
-and with identity blocks as initial states (the difference is P; no knowledge of the family is needed), all-gathers
-the pairs (communication per layer: cp * H * K * (K + V) numbers, independent of the sequence length), combines the
-earlier ranks' pairs into its own initial state, and runs its slice with that state through the mixer's explicit
-`state` argument. Everything else a state carries comes from the previous rank: short-convolution states from its
-last W-1 mixer inputs (all-gathered, run through the mixer as a halo), RoPE offsets (`pos`) from the global
-document layout. Softmax attention layers of hybrid stacks all-gather K/V of the documents that cross into a rank
-and pass them as a KV cache. A document boundary (cu_seqlens) resets whatever is carried.
+      S_final(S0) = P S0 + S_final(0),        P [..., K, K] the slice's transition;
+
+  "diagonal" (scalar or vector decays and plain sums: retnet, gla, lightning, linear_attn, based / rebased with
+  their normalizer, mamba2, rwkv6, hgrn's vector state, hgrn2) evolves as S_final(S0) = d * S0 + S_final(0).
+  Each rank gets S_final(0) and the transition of its last document by running the mixer once more on that
+  document from zero states and from probe states (identity blocks for P: ceil(K/V) runs; ones for d: one run;
+  no knowledge of the family is needed), all-gathers them in one tensor (per layer cp * (H K (K + V) or twice the
+  state) numbers, independent of the sequence length), folds the earlier ranks' into its own initial states, and
+  runs its slice with those through the mixer's explicit `state` argument.
+- "window" (short-convolution inputs, RWKV's token shift) comes from the previous rank's last W-1 (or 1) mixer
+  inputs, all-gathered and run through the mixer as a halo.
+- "position" (RoPE offsets `pos`) comes from the global document layout.
+- Softmax attention layers of hybrid stacks all-gather K/V of the documents that cross into a rank and pass them
+  as a KV cache.
+
+A document boundary (cu_seqlens) resets whatever is carried. The per-token `MixerContext` (RWKV-7's `v_first` of
+layer 0) follows the token split: each rank's layer 0 publishes the value of its own slice, and the probe run of a
+later layer gets the same tokens of it.
 
 Gradients flow through the all-gathers (functional collectives), so each rank's loss share backpropagates into the
 slices of the earlier ranks; the trainer sums gradients over the `dp_cp` ranks as for data parallelism.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +47,11 @@ from torch import nn
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 from torch.distributed.tensor import DTensor
 
-from ..layers.conv import ShortConvolution
 from ..mixers.attention import Attention
-from ..mixers.base import MixerState
+from ..mixers.base import STATE_KINDS, MixerContext, MixerState, StateSpec
 from .checkpointing import transformer_blocks
 
-LINEAR_KEYS = ("recurrent",)  # states that evolve linearly in their initial value: S [H, K, V]
+LINEAR_KINDS = ("matrix", "diagonal")  # states that evolve affinely in their initial value (mixers/base.py)
 
 
 @dataclass
@@ -140,17 +150,32 @@ def apply_cp(model: nn.Module, mesh) -> None:
 
 
 def check_supported(mixer: nn.Module) -> None:
-    """One-line error for a mixer whose state the state exchange does not know how to carry."""
+    """One-line error naming the state entries of a mixer that the state exchange cannot carry, and why."""
     if isinstance(mixer, Attention):
         return
-    spec = getattr(mixer, "state_spec", lambda: {})()
-    unknown = [k for k in spec if k not in LINEAR_KEYS and not k.startswith("conv_") and k != "pos"]
-    rec = spec.get("recurrent")
-    if unknown or rec is None or len(rec.shape) != 3:
+    name, spec = type(mixer).__name__, mixer.state_spec()
+    why = {}
+    for key, s in spec.items():
+        if s.kind is None:
+            why[key] = "its StateSpec declares no kind"
+        elif s.kind == "cache":
+            why[key] = "a KV cache is exchanged only for the softmax Attention mixer"
+        elif s.kind not in STATE_KINDS:
+            why[key] = f"unknown kind {s.kind!r}"
+        elif s.kind == "matrix" and len(s.shape) < 2:
+            why[key] = f"a 'matrix' state needs a shape [..., K, V], got {list(s.shape)}"
+        elif s.kind == "window" and s.window < 1:
+            why[key] = f"a 'window' state needs window >= 1, got {s.window}"
+    if why:
+        reasons = "; ".join(f"{k!r}: {w}" for k, w in why.items())
         raise ValueError(
-            f"context parallel: mixer {type(mixer).__name__} keeps state {sorted(spec)}, which cp cannot carry yet "
-            "(supported: a matrix state 'recurrent' [H, K, V] plus 'conv_*' and 'pos'); use parallel.cp=1"
+            f"context parallel: mixer {name} keeps state that cp cannot carry ({reasons}; kinds cp carries: "
+            f"{', '.join(k for k in STATE_KINDS if k != 'cache')}); use parallel.cp=1"
         )
+
+
+def _keys(spec: dict, *kinds: str) -> dict:
+    return {k: s for k, s in spec.items() if s.kind in kinds}
 
 
 def _cp_forward(
@@ -161,7 +186,7 @@ def _cp_forward(
     state: MixerState | None = None,
     cu_seqlens: torch.Tensor | None = None,
     use_cache: bool = False,
-    context=None,
+    context: MixerContext | None = None,
 ) -> tuple[torch.Tensor, None]:
     if state is not None or use_cache:  # decoding is not split: every rank runs the whole input
         return forward(x, state, cu_seqlens, use_cache, context)
@@ -171,10 +196,10 @@ def _cp_forward(
         lay = getattr(cu_seqlens, "cp_layout", None)
         if lay is None:
             raise ValueError("context parallel: packed batches must go through linear_moe.parallel.cp.shard_batch")
-    run = functools.partial(forward, context=context)
     if isinstance(mixer, Attention):
+        run = functools.partial(forward, context=context)
         return _attention_forward(mixer, run, cp, lay, x, cu_seqlens), None
-    return _linear_forward(mixer, run, cp, lay, x, cu_seqlens), None
+    return _linear_forward(mixer, forward, cp, lay, x, cu_seqlens, context), None
 
 
 def _rows_state(carried: dict[str, torch.Tensor], zero: MixerState, packed: bool) -> dict[str, torch.Tensor]:
@@ -185,78 +210,155 @@ def _rows_state(carried: dict[str, torch.Tensor], zero: MixerState, packed: bool
     return {k: torch.cat([carried[k].to(v.dtype), v[1:]]) if k in carried else v for k, v in zero.items()}
 
 
-def _conv_carry(mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor) -> MixerState:
-    """The short-convolution states at this rank's first token: the mixer run on the previous rank's last W-1
-    inputs of the same document (zeros where the document starts here). {} for a mixer without convolutions."""
-    widths = {m.kernel_size for m in mixer.modules() if isinstance(m, ShortConvolution)}
-    if not widths:
+def _window_carry(mixer: nn.Module, forward, cp: ContextParallel, lay: CPLayout, x: torch.Tensor) -> MixerState:
+    """The "window" states (short-convolution inputs, token shift) at this rank's first token: the mixer run on the
+    previous rank's last inputs of the same document (zeros where the document starts here). {} for a mixer
+    without such states. A window state is a function of the inputs alone, so the run needs no MixerContext."""
+    windows = {k: s.window for k, s in _keys(mixer.state_spec(), "window").items()}
+    if not windows:
         return {}
     r = cp.rank
-    w = max(widths) - 1
+    w = max(windows.values())
     if lay.local_len < w:
-        raise ValueError(f"context parallel: each rank needs at least {w} tokens for the short convolutions")
+        raise ValueError(
+            f"context parallel: each rank needs at least {w} tokens for {type(mixer).__name__}'s states "
+            f"{sorted(windows)}, got {lay.local_len}"
+        )
     tails = cp.gather(x[:, x.shape[1] - w :])  # [cp, R, w, D]
     # Every rank keeps the gathered tensor in its graph (times 0 where nothing is carried), so that every rank
     # joins the gather's backward collective.
     live = r > 0 and lay.continues[r]
     h = min(w, lay.last_len[r - 1]) if live else 1
-    _, st = run(tails[r - 1 if live else 0, :, w - h :], use_cache=True)
-    return {k: v if live else v * 0 for k, v in st.items() if k.startswith("conv_")}
+    _, st = forward(tails[r - 1 if live else 0, :, w - h :], use_cache=True, context=None)
+    return {k: st[k] if live else st[k] * 0 for k in windows}
+
+
+def _probes(s: StateSpec) -> int:
+    """Probe runs that reveal a transition: a matrix's ceil(K/V) identity blocks, one state of ones for a diagonal."""
+    return -(-s.shape[-2] // s.shape[-1]) if s.kind == "matrix" else 1
+
+
+def _probe_states(s: StateSpec, zero: torch.Tensor, n: int) -> torch.Tensor:
+    """The initial values of `n` probe runs [n * R, *shape]: identity blocks (columns i*V .. (i+1)*V of I_K) for a
+    matrix, ones then zeros for a diagonal."""
+    R = zero.shape[0]
+    if s.kind == "diagonal":
+        blocks = torch.zeros(n, *zero.shape, device=zero.device, dtype=zero.dtype)
+        blocks[0] = 1
+        return blocks.flatten(0, 1)
+    K, V = s.shape[-2:]
+    eye = torch.eye(K, n * V, device=zero.device, dtype=zero.dtype)  # [K, n*V]
+    blocks = eye.view(K, n, V).movedim(1, 0)  # [n, K, V]
+    return blocks.view(n, 1, *[1] * (len(s.shape) - 2), K, V).expand(n, *zero.shape).reshape(n * R, *s.shape)
+
+
+def transition_shape(s: StateSpec) -> tuple[int, ...]:
+    """Per row: P [..., K, K] of a matrix state, d (the state's shape) of a diagonal one."""
+    return (*s.shape[:-1], s.shape[-2]) if s.kind == "matrix" else s.shape
+
+
+def apply_transition(s: StateSpec, T: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
+    """The linear part of a state's evolution applied to an initial value: P @ S0 or d * S0."""
+    return T @ S0 if s.kind == "matrix" else T * S0
 
 
 def final_state_and_transition(
-    mixer: nn.Module, run, x_RLD: torch.Tensor, carried: MixerState, with_transition: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_final(0) [R, H, K, V] and the transition P [R, H, K, K] (S_final(S0) = P S0 + S_final(0)) of the mixer over
-    the sequences `x_RLD`, with the other state entries `carried` (conv, pos; [R, ...]): one batched run from a zero
-    recurrent state and from ceil(K/V) identity blocks (P's columns; P = 0 without `with_transition`)."""
+    mixer: nn.Module,
+    forward,
+    x_RLD: torch.Tensor,
+    carried: MixerState,
+    with_transition: bool = True,
+    context: MixerContext | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For every "matrix" / "diagonal" state of the mixer run over the sequences `x_RLD`: (S_final(0) [R, *shape],
+    the transition [R, *transition_shape]) with S_final(S0) = apply_transition(T, S0) + S_final(0), given the other
+    state entries `carried` ("window", "position"; [R, ...]) and the `context` of the tokens `x_RLD`. One batched
+    run from zero states and from as many probe states as the widest transition needs; the states evolve each on
+    its own (the StateSpec contract), so they share the probe runs. No transition (zeros) without
+    `with_transition`."""
     R = x_RLD.shape[0]
+    linear = _keys(mixer.state_spec(), *LINEAR_KINDS)
     zero = mixer.init_state(R, x_RLD.device, x_RLD.dtype)
-    H, K, V = zero["recurrent"].shape[1:]
-    probes = -(-K // V) if with_transition else 0
-    eye = torch.eye(K, probes * V, device=x_RLD.device, dtype=zero["recurrent"].dtype)  # [K, probes*V]
-    blocks = eye.view(K, probes, V).permute(1, 0, 2)[:, None, None].expand(probes, R, H, K, V)
-    state = {k: v.repeat(1 + probes, *[1] * (v.dim() - 1)) for k, v in _rows_state(carried, zero, False).items()}
-    state["recurrent"] = torch.cat([zero["recurrent"], blocks.reshape(probes * R, H, K, V)])
-    _, st = run(x_RLD.repeat(1 + probes, 1, 1), state=state)
-    out_NHKV = st["recurrent"].view(1 + probes, R, H, K, V)
-    s0_RHKV = out_NHKV[0]
-    if not probes:
-        return s0_RHKV, torch.zeros(R, H, K, K, device=x_RLD.device, dtype=s0_RHKV.dtype)
-    return s0_RHKV, (out_NHKV[1:] - s0_RHKV).permute(1, 2, 3, 0, 4).reshape(R, H, K, probes * V)[..., :K]
+    n = max(map(_probes, linear.values())) if with_transition else 0
+    state = {k: v.repeat(1 + n, *[1] * (v.dim() - 1)) for k, v in _rows_state(carried, zero, False).items()}
+    for k, s in linear.items():
+        state[k] = torch.cat([zero[k], _probe_states(s, zero[k], n)]) if n else zero[k]
+    if context is not None:
+        context = context.map(lambda t: t[:, t.shape[1] - x_RLD.shape[1] :].repeat(1 + n, *[1] * (t.dim() - 1)))
+    _, st = forward(x_RLD.repeat(1 + n, 1, 1), state=state, context=context)
+    out = {}
+    for k, s in linear.items():
+        runs = st[k].reshape(1 + n, R, *s.shape)
+        s0, diff = runs[0], runs[1:] - runs[0]
+        if not n:
+            T = s0.new_zeros(R, *transition_shape(s))
+        elif s.kind == "diagonal":
+            T = diff[0]
+        else:  # column block i of P is the difference of probe run i: P[..., :, i*V + j] = diff[i][..., :, j]
+            K = s.shape[-2]
+            T = diff[: _probes(s)].movedim(0, -2).flatten(-2)[..., :K]
+        out[k] = (s0, T)
+    return out
+
+
+def exchange_numbers(mixer: nn.Module) -> tuple[int, int]:
+    """(numbers all-gathered per row for the linear states (S_final(0) and transition), window of inputs
+    all-gathered for the "window" states) of one cp forward of a recurrent mixer."""
+    spec = mixer.state_spec()
+    states = sum(math.prod(s.shape) + math.prod(transition_shape(s)) for s in _keys(spec, *LINEAR_KINDS).values())
+    return states, max((s.window for s in _keys(spec, "window").values()), default=0)
+
+
+def _combine(
+    cp: ContextParallel, lay: CPLayout, linear: dict[str, StateSpec], pairs: dict[str, tuple[torch.Tensor, ...]]
+) -> MixerState:
+    """All-gather every rank's (S_final(0), transition) pairs in one tensor and fold the earlier ranks' into this
+    rank's initial states (zero where a document starts at this rank's first token)."""
+    tensors = [t for k in linear for t in pairs[k]]
+    parts = cp.gather(torch.cat([t.flatten(1) for t in tensors], dim=1)).split([t[0].numel() for t in tensors], -1)
+    s_in = {}
+    for i, (k, s) in enumerate(linear.items()):
+        s_RS, T_RS = (parts[2 * i + c].reshape(cp.size, *tensors[2 * i + c].shape) for c in (0, 1))
+        acc = s_RS[0] * 0  # kept in the graph on every rank, as the window carry
+        for j in range(cp.rank):
+            acc = (apply_transition(s, T_RS[j], acc) if lay.single[j] else 0) + s_RS[j]
+            if not lay.continues[j + 1]:
+                acc = acc * 0
+        s_in[k] = acc
+    return s_in
 
 
 def _linear_forward(
-    mixer: nn.Module, run, cp: ContextParallel, lay: CPLayout, x: torch.Tensor, cu_seqlens: torch.Tensor | None
+    mixer: nn.Module,
+    forward,
+    cp: ContextParallel,
+    lay: CPLayout,
+    x: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    context: MixerContext | None,
 ) -> torch.Tensor:
     r = cp.rank
     packed = cu_seqlens is not None
     R = x.shape[0]
-    conv = _conv_carry(mixer, run, cp, lay, x)
+    spec = mixer.state_spec()
+    linear, positions = _keys(spec, *LINEAR_KINDS), _keys(spec, "position")
+    window = _window_carry(mixer, forward, cp, lay, x)
     zero = mixer.init_state(R, x.device, x.dtype)
-    V = zero["recurrent"].shape[-1]
-    # 1. this rank's last document: S_final(0) and P. The conv carry always enters (times 0 when the last
-    # document starts here): the gathers' backward collectives then run in the same order on every rank.
-    last_carried = {k: v if lay.single[r] else v * 0 for k, v in conv.items()}
-    if "pos" in zero:
-        last_carried["pos"] = torch.full_like(zero["pos"], lay.last_offset[r])
-    x_last = x[:, x.shape[1] - lay.last_len[r] :]
-    s0_RHKV, P_RHKK = final_state_and_transition(mixer, run, x_last, last_carried, lay.single[r])
-    # 2. all-gather (S_final(0), P) and combine the earlier ranks' into this rank's initial state
-    both = cp.gather(torch.cat([s0_RHKV, P_RHKK], dim=-1))  # [cp, R, H, K, V+K]
-    s_in = both[0, ..., :V] * 0  # (kept in the graph on every rank, as above)
-    for j in range(r):
-        s_j, P_j = both[j, ..., :V], both[j, ..., V:]
-        s_in = (P_j @ s_in if lay.single[j] else 0) + s_j
-        if not lay.continues[j + 1]:
-            s_in = s_in * 0
-    # 3. the slice from its true initial state
-    carried = {"recurrent": s_in, **conv}
-    if "pos" in zero:
-        carried["pos"] = torch.full_like(zero["pos"][:R], lay.first_offset[r])
+    carried = dict(window)
+    if linear:
+        # this rank's last document: S_final(0) and the transition of every linear state, all-gathered and folded.
+        # The window carry always enters (times 0 when the last document starts here): the gathers' backward
+        # collectives then run in the same order on every rank.
+        last_carried = {k: v if lay.single[r] else v * 0 for k, v in window.items()}
+        last_carried |= {k: torch.full_like(zero[k], lay.last_offset[r]) for k in positions}
+        x_last = x[:, x.shape[1] - lay.last_len[r] :]
+        pairs = final_state_and_transition(mixer, forward, x_last, last_carried, lay.single[r], context)
+        carried |= _combine(cp, lay, linear, pairs)
+    # the slice from its true initial state
+    carried |= {k: torch.full_like(zero[k], lay.first_offset[r]) for k in positions}
     if packed:
         zero = mixer.init_state(len(cu_seqlens) - 1, x.device, x.dtype)
-    y, _ = run(x, state=_rows_state(carried, zero, packed), cu_seqlens=cu_seqlens)
+    y, _ = forward(x, state=_rows_state(carried, zero, packed), cu_seqlens=cu_seqlens, context=context)
     return y
 
 

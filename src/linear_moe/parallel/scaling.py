@@ -8,9 +8,10 @@ its dimension, kind, group size and input bytes (summed over the step's calls), 
   tp); backward mirrors each (all-gather <-> reduce-scatter). Embedding: one reduce-scatter (+ its all-gather in
   backward); head: one all-gather (+ its reduce-scatter). Per-head norm gradients (all-reduce of a head's width)
   and loss_parallel's per-token statistics are left out (kilobytes).
-- cp (parallel/cp.py), per forward call of a layer: a linear mixer all-gathers its last document's final state and
-  transition (R x H x K x (V + K) float32) and, with short convolutions, the last W-1 inputs; a softmax layer
-  all-gathers K and V of the slice; backward reduce-scatters the gathered tensors (cp x the input).
+- cp (parallel/cp.py), per forward call of a layer: a linear mixer all-gathers its last document's final states
+  and transitions (float32: R x H x K x (V + K) for a "matrix" state [H, K, V], twice the state for a "diagonal"
+  one) and, with short convolutions or token shift, the last W-1 (or 1) inputs; a softmax layer all-gathers K and
+  V of the slice; backward reduce-scatters the gathered tensors (cp x the input).
 - ep (parallel/ep.py): per MoE layer each routed row (tokens x top_k) goes through an all-to-all to its expert's
   rank and back, forward and backward (4 all-to-alls of rows x D); with uniform routing a fraction (ep-1)/ep leaves
   the rank. The count exchange (E integers) is left out.
@@ -68,12 +69,6 @@ def _meta_model(cfg: ModelConfig):
         return LinearMoEForCausalLM(cfg)
 
 
-def _conv_width(mixer) -> int:
-    from ..layers.conv import ShortConvolution
-
-    return max((m.kernel_size for m in mixer.modules() if isinstance(m, ShortConvolution)), default=1)
-
-
 def _shard_bytes(params, shards: int, nbytes: int) -> tuple[float, float]:
     """(padded shard bytes, padded full bytes) of `params` sharded on dim 0 over `shards` ranks (FSDP2)."""
     shard = sum(math.ceil(p.shape[0] / shards) * (p.numel() // max(p.shape[0], 1)) for p in params) * nbytes
@@ -121,17 +116,18 @@ def step_traffic(
         add("tp", "embedding and head", "all_gather", tp, share * 2 * u)
         add("tp", "embedding and head", "reduce_scatter", tp, share * 2 * tp * u)
     if cp > 1:
+        from .cp import exchange_numbers
+
         state = conv = kv = 0.0
         for b in layers:
             mixer = b.mixer
             if type(mixer).__name__ == "Attention":
                 kv += 2 * rows * (mixer.num_kv_heads // tp) * (n / rows) * mixer.head_dim * act_bytes
                 continue
-            H, K, V = mixer.state_spec()["recurrent"].shape
-            state += rows * H // tp * K * (V + K) * 4
-            if _conv_width(mixer) > 1:
-                conv += rows * (_conv_width(mixer) - 1) * D * act_bytes
-        for what, b in (("linear states (S, P)", state), ("short-conv halos", conv), ("softmax K/V", kv)):
+            numbers, window = exchange_numbers(mixer)
+            state += rows * numbers // tp * 4
+            conv += rows * window * D * act_bytes
+        for what, b in (("linear states (S, P)", state), ("short-conv / token-shift halos", conv), ("softmax K/V", kv)):
             add("cp", what, "all_gather", cp, share * calls * b)
             add("cp", what + " (bwd)", "reduce_scatter", cp, share * calls * cp * b)
     if ep > 1:
