@@ -1,6 +1,6 @@
 """Tensor parallelism (parallel/tp.py) on gloo, tp=2: losses of a few AdamW steps and the first step's gradients
-match one process, for softmax attention, a vector-decay (gla), a scalar-decay (lightning_attn, per-head norm) and a
-delta-rule mixer (gated_deltanet) in an MoE hybrid stack; what tp cannot split is refused with one line."""
+match one process for every mixer family with a tp plan (gated_deltanet in an MoE hybrid stack) and for tied
+embeddings; each rank's heads get their own decays; what tp cannot split is refused with one line."""
 
 from __future__ import annotations
 
@@ -13,14 +13,30 @@ from dist_pool import dist_pool, grad_error, packed_batches, tiny_model, train_r
 from linear_moe.parallel.tp import apply_tp, check_tp, loss_context
 
 
-def tp_job(mixer: str, pattern: str | None, preset: str, kwargs: dict) -> tuple[list[float], list[float], float]:
-    """3 AdamW steps with tp over every rank: (reference losses, tp losses, the first step's gradient error)."""
+def tp_model(mixer: str, pattern: str | None, preset: str, kwargs: dict, tie: bool, dtype: str):
+    """`tiny_model` (seed 0) in `dtype`, with the embedding and LM head tied when `tie`."""
+    model = tiny_model(mixer, pattern, preset, **kwargs)
+    if tie:
+        from linear_moe.model import LinearMoEForCausalLM
+
+        torch.manual_seed(0)
+        model = LinearMoEForCausalLM(model.cfg.replace(tie_embeddings=True))
+    return model.to(getattr(torch, dtype))
+
+
+def tp_job(
+    mixer: str, pattern: str | None, preset: str, kwargs: dict, tie: bool = False, dtype: str = "float32"
+) -> tuple[list[float], list[float], float]:
+    """3 AdamW steps with tp over every rank: (reference losses, tp losses, the first step's gradient error).
+    lr 1e-3: at 1e-2 AdamW's first steps (updates of +-lr whatever the gradient's size) amplify float32 rounding
+    to 1e-5 in the third loss of some mixers (rwkv6)."""
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("tp",))
     batches = packed_batches(3)
-    ref_losses, ref_grads = train_reference(tiny_model(mixer, pattern, preset, **kwargs), batches)
-    model = tiny_model(mixer, pattern, preset, **kwargs)
+    lr = 1e-3
+    ref_losses, ref_grads = train_reference(tp_model(mixer, pattern, preset, kwargs, tie, dtype), batches, lr)
+    model = tp_model(mixer, pattern, preset, kwargs, tie, dtype)
     apply_tp(model, mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, grads = [], {}
     for ids, labels, cu in batches:
         with loss_context(model):
@@ -37,11 +53,25 @@ def tp_job(mixer: str, pattern: str | None, preset: str, kwargs: dict) -> tuple[
     return ref_losses, losses, grad_error(grads, ref_grads)
 
 
+# every mixer family with a tp plan, with the options that exercise its parts (short convs, gates, GQA, norms over
+# all heads, shared feature maps and low-rank gates, the forget-gate floor of layer 1); debug-dense: 4 heads
 CASES = {
     "attention": ("attention", None, "debug-dense", {}),
+    "retnet-gqa": ("retnet", None, "debug-dense", {"num_kv_heads": 2, "use_short_conv": True}),
     "gla": ("gla", None, "debug-dense", {"use_short_conv": True}),
-    "lightning": ("lightning_attn", None, "debug-dense", {"norm_per_head": True}),
+    "lightning-per-head": ("lightning_attn", None, "debug-dense", {"norm_per_head": True}),
+    "lightning-all-heads": ("lightning_attn", None, "debug-dense", {}),
+    "linear-attn": ("linear_attn", None, "debug-dense", {"do_feature_map_norm": True, "use_short_conv": True}),
+    "based": ("based", None, "debug-dense", {"feature_dim": 8}),
+    # float64: ReBased's normaliser (q'.k')^2 summed over a document's keys is as small as 1e-4 at a document's first
+    # tokens, which turns float32 rounding into 1e-4 gradient differences
+    "rebased": ("rebased", None, "debug-dense", {"feature_dim": 8}, False, "float64"),
+    "deltanet": ("deltanet", None, "debug-dense", {"use_gate": True}),
     "gdn-moe-hybrid": ("gated_deltanet", "LN", "debug-qwen2-moe", {}),
+    "hgrn": ("hgrn", None, "debug-dense", {"use_short_conv": True}),
+    "hgrn2": ("hgrn2", None, "debug-dense", {"use_short_conv": True}),
+    "rwkv6": ("rwkv6", None, "debug-dense", {}),
+    "rwkv7": ("rwkv7", None, "debug-dense", {}),
 }
 
 
@@ -52,20 +82,49 @@ def test_tp_matches_one_process(case):
         assert err < 1e-5
 
 
+def test_tp_tied_embeddings_match_one_process():
+    """The vocab-parallel embedding and the column-parallel head share one DTensor weight split on the vocabulary."""
+    for ref, got, err in dist_pool(2).run(tp_job, "gla", None, "debug-dense", {}, True):
+        assert got == pytest.approx(ref, rel=1e-5)
+        assert err < 1e-5
+
+
+def test_tp_head_offsets_pick_each_ranks_decays():
+    """RetNet's and lightning attention's per-head decays on a rank are those of its heads in the whole layer."""
+    from linear_moe.mixers.lightning_attn import LightningAttention
+    from linear_moe.mixers.retnet import MultiScaleRetention
+
+    for cls in (MultiScaleRetention, LightningAttention):
+        whole = cls(64, 8, layer_idx=1, **({"num_layers": 3} if cls is LightningAttention else {}))
+        full = whole.log_decay()
+        assert len(set(full.tolist())) == 8  # every head decays differently
+        whole.num_heads, whole.head_offset = 2, 4  # heads 4, 5 of 8 (rank 2 of tp=4)
+        assert torch.equal(whole.log_decay(), full[4:6])
+
+
+def _mutate(model, how: str):
+    mixer = model.layers[1].mixer
+    if how == "custom":
+        mixer.__class__ = type("CustomMixer", (type(mixer),), {})
+    elif how == "extra-param":
+        mixer.extra = torch.nn.Parameter(torch.zeros(3))
+
+
 @pytest.mark.parametrize(
-    ("mixer", "kwargs", "tie", "match"),
+    ("mixer", "tp", "how", "match"),
     [
-        ("retnet", {}, False, "per-head decays"),
-        ("lightning_attn", {}, False, "norm_per_head"),
-        ("hgrn", {}, False, "no tp plan"),
-        ("gla", {}, True, "tied embeddings"),
+        ("mamba2", 2, None, "Mamba2 is not supported: in_proj fuses"),
+        ("gla", 2, "custom", "CustomMixer has no tp plan"),
+        ("gla", 2, "extra-param", r"GatedLinearAttention.extra has no placement"),
+        ("hgrn2", 3, None, "num_heads=4 is not divisible by tp=3"),
+        ("hgrn", 3, None, "input_dim=64 is not divisible by tp=3"),
     ],
 )
-def test_tp_refusals(mixer, kwargs, tie, match):
-    model = tiny_model(mixer, **kwargs)
-    model.cfg = model.cfg.replace(tie_embeddings=tie)
+def test_tp_refusals(mixer, tp, how, match):
+    model = tiny_model(mixer)
+    _mutate(model, how)
     with pytest.raises(ValueError, match=match):
-        check_tp(model, 2)
+        check_tp(model, tp)
 
 
 def test_tp_through_the_trainer_matches_one_process(tmp_path_factory):

@@ -1,21 +1,35 @@
-"""Tensor parallelism with DTensor (`parallelize_module`), Megatron-style with sequence-parallel norms.
+"""Tensor parallelism with DTensor, Megatron-style with sequence-parallel norms.
 
 Per block: the residual stream stays split over the sequence (`[B, T/tp, D]` on each rank); `attn_norm` and
-`ffn_norm` run sequence-parallel; the mixer input is all-gathered; q/k/v (and every per-head projection: output
-gate, forget gate, beta) are column-parallel, so each rank runs `H/tp` whole heads, and `o_proj` is row-parallel
-with a reduce-scatter back to the sequence split. What follows the heads follows their split: depthwise short
-convolutions and per-head parameters (GDN's A_log, dt_bias) are sharded on their channel / head dimension; per-head
-norms keep one replicated weight whose gradient is summed over the ranks. The mixer's head-count attributes are set
-to the local counts after sharding (as torchtitan does), so the mixer code runs unchanged on its heads.
+`ffn_norm` run sequence-parallel; the mixer input is all-gathered and each rank runs the mixer's own code on `H/tp`
+whole heads. Every parameter of the mixer becomes a DTensor placed by the mixer's plan (`PLANS`, one entry per
+mixer class), and the mixer runs on the local parts:
 
-Dense SwiGLU FFNs are column- then row-parallel. MoE layers are not split by tp: each rank runs the layer on the
-whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split the experts with
-`parallel.ep` (the tp ranks then exchange tokens with their own ep peers). The embedding is vocab-parallel, the LM head column-parallel, and the loss runs under
-`loss_parallel` (the plain cross-entropy path, never fla's fused one): forward and backward of a step must run
-inside `loss_context(model)`.
+- split with the heads (`Shard(0)`): the per-head projections (column-parallel q, k, v, output and forget gates,
+  beta, the up half of a low-rank gate), per-head and per-channel parameters (GDN's `A_log` / `dt_bias`, RWKV's
+  `bonus`, `k_k`, `r_k`, HGRN's forget-gate floor); depthwise short convolutions and per-head GroupNorms follow
+  their channels, found by type;
+- shared (`Replicate`): weights that every rank applies to its own heads (per-head RMSNorms, feature maps) or to
+  the whole input (GLA's and RWKV's low-rank down projections, RWKV's token-shift lerps); a rank's gradient is its
+  heads' share, summed over the ranks in backward;
+- `o_proj` is row-parallel with a reduce-scatter back to the sequence split; the input's gradient (each rank's
+  share, like the shared weights') is reduce-scattered once.
 
-Mixers covered: softmax attention, gla (vector decay), gated_deltanet (delta rule), lightning_attn (scalar decay,
-with `norm_per_head=True`). Others are refused with a one-line error naming the reason.
+An output norm over all heads (lightning attention's MiniMax-01 norm, HGRN, HGRN2) keeps its weight split with the
+channels and sums the mean square over the ranks (one `[B, T, 1]` all-reduce per layer). The mixer's head counts
+(`MixerPlan.sizes`) are set to the local counts after sharding (as torchtitan does) and `head_offset` to the rank's
+first head, so per-head constants made from the head index (RetNet's and lightning attention's decays) follow.
+
+Dense SwiGLU FFNs are column- then row-parallel the same way. MoE layers are not split by tp: each rank runs the
+layer on the whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split the
+experts with `parallel.ep` (the tp ranks then exchange tokens with their own ep peers). The embedding is
+vocab-parallel, the LM head column-parallel (tied: one `[V, D]` weight split on the vocabulary serves both), and
+the loss runs under `loss_parallel` (the plain cross-entropy path, never fla's fused one): forward and backward of a
+step must run inside `loss_context(model)`.
+
+Mixers covered: softmax attention, retnet, gla, lightning_attn, linear_attn, based, rebased, deltanet,
+gated_deltanet, hgrn, hgrn2, rwkv6, rwkv7. Refused with a one-line reason: mamba2 (`REFUSED`), and any mixer
+without a plan.
 """
 
 from __future__ import annotations
@@ -26,9 +40,10 @@ import functools
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -41,45 +56,108 @@ from ..layers.conv import ShortConvolution
 from ..layers.norm import RMSNorm
 from .checkpointing import transformer_blocks
 
-# mixer class name -> its column-parallel (per-head) projections; o_proj is row-parallel in all of them
-HEAD_PROJECTIONS = {
-    "Attention": ("q_proj", "k_proj", "v_proj"),
-    "GatedLinearAttention": ("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.1"),
-    "GatedDeltaNet": ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
-    "LightningAttention": ("q_proj", "k_proj", "v_proj", "g_proj"),
-}
-HEAD_PARAMS = {"GatedDeltaNet": ("A_log", "dt_bias")}  # raw per-head parameters [H]: sharded on dim 0
-REPLICATED_INPUTS = {"GatedLinearAttention": ("gk_proj.0",)}  # low-rank maps shared by all heads
 HEAD_COUNTS = ("num_heads", "num_kv_heads", "num_v_heads", "key_dim", "value_dim")
-REFUSED = {
-    "MultiScaleRetention": "its per-head decays are computed from the head count (needs a per-head decay buffer)",
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerPlan:
+    """How tp splits one mixer class. Entries are parameter or module paths inside the mixer (a module: all of its
+    parameters); entries absent from a mixer (options turned off) are skipped. Found by type, not listed: short
+    convolutions and GroupNorms (one group per head) are split with their channels; RMSNorms are per head (shared),
+    except an output norm over all heads (split with its channels, its mean square summed over the ranks)."""
+
+    heads: tuple[str, ...]  # split with the heads on dim 0 (column-parallel projections, per-head parameters)
+    shared: tuple[str, ...] = ()  # the same on every rank, gradient summed over the ranks
+    sizes: tuple[str, ...] = HEAD_COUNTS  # attributes counting heads or channels: divided by tp
+    out: str = "o_proj"  # the row-parallel output projection
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+RWKV7_LORAS = ("w_lora", "a_lora", "g_lora", "v_lora")
+PLANS = {
+    "Attention": MixerPlan(QKV),
+    "MultiScaleRetention": MixerPlan((*QKV, "g_proj")),
+    "GatedLinearAttention": MixerPlan((*QKV, "g_proj", "gk_proj.1"), shared=("gk_proj.0",)),
+    "LightningAttention": MixerPlan((*QKV, "g_proj")),
+    "LinearAttention": MixerPlan(QKV, shared=("feature_map_q", "feature_map_k")),
+    "BasedLinearAttention": MixerPlan(QKV, shared=("feature_map",)),
+    "ReBasedLinearAttention": MixerPlan(QKV, shared=("feature_map",)),
+    "DeltaNet": MixerPlan((*QKV, "b_proj", "g_proj")),
+    "GatedDeltaNet": MixerPlan((*QKV, "g_proj", "a_proj", "b_proj", "A_log", "dt_bias")),
+    # element-wise: the channels are split, `num_heads` means nothing
+    "HGRNAttention": MixerPlan(("i_proj", "f_proj", "g_proj", "lower_bound_logit"), sizes=("input_dim",)),
+    "HGRN2Attention": MixerPlan(("q_proj", "f_proj", "i_proj", "lower_bound_logit"), sizes=("num_heads", "forget_dim")),
+    "RWKV6Attention": MixerPlan(
+        ("r_proj.linear", "w_proj.linear.lora.2", "k_proj.linear", "v_proj.linear", "g_proj.linear", "bonus"),
+        shared=("x_proj", "x_bias", "w_proj.linear.lora.0"),
+    ),
+    "RWKV7Attention": MixerPlan(
+        ("r_proj", "k_proj", "v_proj", "k_k", "k_a", "r_k", *(f"{n}.lora.2" for n in RWKV7_LORAS)),
+        shared=("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", *(f"{n}.lora.0" for n in RWKV7_LORAS)),
+    ),
 }
+REFUSED = {  # mixer class -> why tp cannot split it
+    "Mamba2": "in_proj fuses [z, x, B, C, dt] and conv1d [x, B, C] in one weight each, so a rank's heads are five "
+    "(three) row blocks of it that no DTensor Shard describes without re-laying the parameter per rank (as Megatron "
+    "does, converting checkpoints between tp sizes), and with n_groups < tp the B/C groups serve heads of several ranks"
+}
+
+
+def _matches(path: str, entries: tuple[str, ...]) -> bool:
+    return any(path == e or path.startswith(e + ".") for e in entries)
+
+
+def _spanning_norm(mixer: nn.Module, plan: MixerPlan) -> nn.Module | None:
+    """The output norm when it normalises over all heads at once (`GatedOutput` with a norm as wide as o_proj's
+    input), else None."""
+    name = getattr(mixer, "out_norm_name", None)
+    if name is None or mixer.out_norm_dim != mixer.get_submodule(plan.out).in_features:
+        return None
+    return getattr(mixer, name)
+
+
+def _placements(mixer: nn.Module, plan: MixerPlan) -> dict[str, Placement]:
+    """Every parameter of `mixer` outside its output projection -> Shard(0) (split with the heads) or Replicate
+    (shared); a one-line error for a parameter the plan does not place."""
+    span = _spanning_norm(mixer, plan)
+    out = {}
+    for mod_name, m in mixer.named_modules():
+        if _matches(mod_name, (plan.out,)):
+            continue
+        for p_name, _ in m.named_parameters(recurse=False):
+            path = f"{mod_name}.{p_name}" if mod_name else p_name
+            if _matches(path, plan.heads) or m is span or isinstance(m, (ShortConvolution, nn.GroupNorm)):
+                out[path] = Shard(0)
+            elif _matches(path, plan.shared) or isinstance(m, RMSNorm):  # RMSNorm: per head (span is over all)
+                out[path] = Replicate()
+            else:
+                raise ValueError(
+                    f"tensor parallel: {type(mixer).__name__}.{path} has no placement in its plan (parallel/tp.py "
+                    "PLANS); add it there or use parallel.tp=1"
+                )
+    return out
+
+
+def _check_mixer(mixer: nn.Module, tp: int, where: str) -> tuple[MixerPlan, dict[str, Placement]]:
+    name = type(mixer).__name__
+    if name in REFUSED:
+        raise ValueError(f"tensor parallel: {where} mixer {name} is not supported: {REFUSED[name]}; use parallel.tp=1")
+    if name not in PLANS:
+        raise ValueError(
+            f"tensor parallel: {where} mixer {name} has no tp plan (covered: {', '.join(sorted(PLANS))}); "
+            "use parallel.tp=1"
+        )
+    plan = PLANS[name]
+    for attr in plan.sizes:
+        if getattr(mixer, attr, 0) % tp:
+            raise ValueError(f"tensor parallel: {where} {attr}={getattr(mixer, attr)} is not divisible by tp={tp}")
+    return plan, _placements(mixer, plan)
 
 
 def check_tp(model: nn.Module, tp: int) -> None:
     """One-line errors for what tensor parallelism cannot split."""
-    if model.cfg.tie_embeddings:
-        raise ValueError("tensor parallel: tied embeddings are not supported; set model.tie_embeddings=false")
     for i, block in enumerate(transformer_blocks(model)):
-        name = type(block.mixer).__name__
-        if name in REFUSED:
-            raise ValueError(f"tensor parallel: layer {i} mixer {name} is not supported: {REFUSED[name]}; use tp=1")
-        if name not in HEAD_PROJECTIONS:
-            raise ValueError(
-                f"tensor parallel: layer {i} mixer {name} has no tp plan yet (covered: "
-                f"{', '.join(sorted(HEAD_PROJECTIONS))}); use parallel.tp=1"
-            )
-        mixer = block.mixer
-        if getattr(mixer, "out_norm_dim", None) not in (None, getattr(mixer, "head_v_dim", None)):
-            raise ValueError(
-                f"tensor parallel: layer {i} mixer {name} normalises over all heads; set mixer_kwargs.norm_per_head"
-                "=true (one norm per head) or use parallel.tp=1"
-            )
-        for attr in HEAD_COUNTS[:3]:
-            if getattr(mixer, attr, 0) % tp:
-                raise ValueError(
-                    f"tensor parallel: layer {i} {attr}={getattr(mixer, attr)} is not divisible by tp={tp}"
-                )
+        _check_mixer(block.mixer, tp, f"layer {i}")
 
 
 class _SumGrad(torch.autograd.Function):
@@ -98,40 +176,86 @@ class _SumGrad(torch.autograd.Function):
         return g, None
 
 
+class _AllReduceShares(torch.autograd.Function):
+    """Sum over the group, forward and backward: each rank uses the sum for its own heads only, so the gradient
+    arriving on a rank is that rank's share."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 def localize(module: nn.Module, placements: dict[str, Placement], mesh: DeviceMesh, sum_grad: bool = False) -> None:
-    """Make `module`'s own parameters DTensors with `placements` on `mesh` and run its forward on their local parts
-    (its code then works on the local heads unchanged). `sum_grad`: replicated weights used on sharded activations
-    (per-head norms): their gradient is summed over the mesh."""
-    for name, placement in placements.items():
-        p = getattr(module, name)
-        if p is not None and not isinstance(p, DTensor):
+    """Make the parameters `placements` names (paths inside `module`) DTensors with those placements on `mesh`, and
+    run `module`'s forward on their local parts (its code then works on the local heads unchanged, reading
+    submodules' weights directly too). `sum_grad`: replicated weights are used on this rank's share of the work, so
+    their gradient is summed over the mesh."""
+    owners = []
+    for path, placement in placements.items():
+        owner_path, _, name = path.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        p = owner._parameters.get(name)
+        if p is None:
+            continue
+        if not isinstance(p, DTensor):
             dt = distribute_tensor(p.data, mesh, [placement])
-            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+            owner.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+        owners.append((owner, name, sum_grad and placement.is_replicate()))
     forward, group = module.forward, mesh.get_group()
 
     @functools.wraps(forward)
     def local_forward(*args, **kwargs):
-        saved = {n: module._parameters[n] for n in placements if module._parameters.get(n) is not None}
-        for n, p in saved.items():
+        saved = [(owner, name, owner._parameters[name]) for owner, name, _ in owners]
+        for owner, name, summed in owners:
+            p = owner._parameters[name]
             local = p.to_local() if isinstance(p, DTensor) else p
-            module._parameters[n] = _SumGrad.apply(local, group) if sum_grad else local
+            owner._parameters[name] = _SumGrad.apply(local, group) if summed else local
         try:
             return forward(*args, **kwargs)
         finally:
-            module._parameters.update(saved)
+            for owner, name, p in saved:
+                owner._parameters[name] = p
 
     module.forward = local_forward
 
 
-def _gather_input(mesh: DeviceMesh, local: bool, module, args, kwargs):
-    """The module's first input, split over the sequence (DTensor or local `[B, T/tp, D]`), all-gathered: a
-    replicated DTensor for modules whose column-parallel maps take it (their input gradients then add up as partial
-    sums and are reduce-scattered once), the whole local tensor `[B, T, D]` for the replicated MoE layer."""
+def _spanning_rms_norm(norm: nn.Module, group: dist.ProcessGroup, tp: int):
+    """The forward of an RMSNorm (or GatedRMSNorm) over all heads, run on this rank's channels: the mean square is
+    summed over the ranks; the rest is `RMSNorm` / `rms_norm_gated_torch` on the local channels."""
+
+    def forward(x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x_acc = x.to(acc)
+        ms = _AllReduceShares.apply(x_acc.square().sum(-1, keepdim=True), group) / (x.shape[-1] * tp)
+        y = x_acc * torch.rsqrt(ms + norm.eps)
+        if norm.weight is not None:
+            y = y * norm.weight.to(acc)
+        if g is not None:
+            g = g.to(acc)
+            y = y * (F.silu(g) if norm.activation == "swish" else torch.sigmoid(g))
+        return y.to(x.dtype)
+
+    return forward
+
+
+def _gather_input(mesh: DeviceMesh, grad: Placement, module, args, kwargs):
+    """The module's first input, split over the sequence (DTensor or local `[B, T/tp, D]`), all-gathered to the
+    whole local `[B, T, D]`. `grad`: what its gradient is on each rank: Partial() for a mixer or FFN split over
+    heads or columns (each rank's share; the shares are reduce-scattered once), Replicate() for the MoE layer (the
+    same whole gradient on every rank)."""
     x = args[0]
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Shard(1)])
-    x = x.redistribute(mesh, [Replicate()])
-    return (x.to_local() if local else x, *args[1:]), kwargs
+    return (x.redistribute(mesh, [Replicate()]).to_local(grad_placements=[grad]), *args[1:]), kwargs
 
 
 def _shard_moe_output(mesh: DeviceMesh, module, args, output):
@@ -141,28 +265,24 @@ def _shard_moe_output(mesh: DeviceMesh, module, args, output):
 
 def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
     tp = mesh.size()
-    name = type(mixer).__name__
-    plan = {p: ColwiseParallel() for p in HEAD_PROJECTIONS[name]}
-    plan["o_proj"] = RowwiseParallel(output_layouts=Shard(1))
-    parallelize_module(mixer, mesh, plan)
-    mixer.register_forward_pre_hook(functools.partial(_gather_input, mesh, False), with_kwargs=True)
-    if name == "LightningAttention":  # per-head decays follow the heads
-        decay = mixer.log_decay()
-        rank = mesh.get_local_rank()
-        mixer.log_decay = lambda device=None: decay.chunk(tp)[rank].to(device)
-    if name in HEAD_PARAMS:
-        localize(mixer, {p: Shard(0) for p in HEAD_PARAMS[name]}, mesh)
-    for sub in REPLICATED_INPUTS.get(name, ()):  # runs on the replicated DTensor input, as DTensor ops
-        distribute_module(mixer.get_submodule(sub), mesh)
+    plan, placements = _check_mixer(mixer, tp, f"layer {mixer.layer_idx}")
+    span = _spanning_norm(mixer, plan)
+    parallelize_module(mixer, mesh, {plan.out: RowwiseParallel(output_layouts=Shard(1))})
+    mixer.register_forward_pre_hook(functools.partial(_gather_input, mesh, Partial()), with_kwargs=True)
+    if span is not None:  # reads its weight at call time: the local part, under localize
+        span.forward = _spanning_rms_norm(span, mesh.get_group(), tp)
+        mixer.out_norm_dim //= tp
+    localize(mixer, placements, mesh, sum_grad=True)
     for m in mixer.modules():
         if isinstance(m, ShortConvolution):
-            localize(m, {"weight": Shard(0), "bias": Shard(0)}, mesh)
             m.dim //= tp
-        elif isinstance(m, RMSNorm):  # per-head norms (GatedRMSNorm too)
-            localize(m, {"weight": Replicate()}, mesh, sum_grad=True)
-    for attr in HEAD_COUNTS:
+        elif isinstance(m, nn.GroupNorm):  # one group per head
+            m.num_groups, m.num_channels = m.num_groups // tp, m.num_channels // tp
+    for attr in plan.sizes:
         if hasattr(mixer, attr):
             setattr(mixer, attr, getattr(mixer, attr) // tp)
+    if "num_heads" in plan.sizes:
+        mixer.head_offset = mesh.get_local_rank() * mixer.num_heads
     if hasattr(mixer, "proj_dims"):
         mixer.proj_dims = {k: v // tp for k, v in mixer.proj_dims.items()}
 
@@ -175,16 +295,12 @@ def _apply_ffn(block: nn.Module, mesh: DeviceMesh, ep: int) -> None:
             params = {n: Replicate() for n, p in m.named_parameters(recurse=False)}
             if params:
                 localize(m, params, mesh)
-        block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, True), with_kwargs=True)
+        block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, Replicate()), with_kwargs=True)
         block.ffn.register_forward_hook(functools.partial(_shard_moe_output, mesh))
         return
-    plan = {
-        "gate_proj": ColwiseParallel(),
-        "up_proj": ColwiseParallel(),
-        "down_proj": RowwiseParallel(output_layouts=Shard(1)),
-    }
-    parallelize_module(block.ffn, mesh, plan)
-    block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, False), with_kwargs=True)
+    parallelize_module(block.ffn, mesh, {"down_proj": RowwiseParallel(output_layouts=Shard(1))})
+    localize(block.ffn, {"gate_proj.weight": Shard(0), "up_proj.weight": Shard(0)}, mesh)
+    block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, Partial()), with_kwargs=True)
 
 
 def apply_tp(model: nn.Module, mesh) -> None:
@@ -201,6 +317,8 @@ def apply_tp(model: nn.Module, mesh) -> None:
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
         },
     )
+    if model.cfg.tie_embeddings:  # both split the [V, D] weight on the vocabulary: one DTensor serves both
+        model.lm_head.weight = model.embed_tokens.weight
     # the head reads the whole sequence: vocab-split logits [B, T, V/tp] for loss_parallel
     model.norm.register_forward_hook(lambda m, a, out: out.redistribute(tp_mesh, [Replicate()]))
     for block in transformer_blocks(model):
