@@ -216,7 +216,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     positive = {"train.steps": tc.steps, "train.grad_accum": tc.grad_accum, "train.log_every": tc.log_every}
     positive |= {"data.seq_len": dc.seq_len, "data.micro_batch_size": dc.micro_batch_size}
     _check_at_least(positive, 1)
-    non_negative = {f"train.{k}": getattr(tc, k) for k in ("save_every", "eval_every", "keep_last", "eval_batches", "expert_chunk")}
+    non_negative = {
+        f"train.{k}": getattr(tc, k) for k in ("save_every", "eval_every", "keep_last", "eval_batches", "expert_chunk")
+    }
     non_negative |= {f"train.{k}": getattr(tc, k) for k in ("grad_clip", "weight_decay", "warmup", "seed")}
     non_negative |= {f"train.{k}": getattr(tc, k) for k in ("sample_tokens", "sample_temperature", "sample_top_k")}
     non_negative |= {"data.seed": dc.seed}
