@@ -1,7 +1,8 @@
 """`linear-moe bench peers`: our preset beside Hugging Face Qwen2-MoE and fla's dense GLA at the same shape.
 
 All three run a training step's forward + backward (fp32 weights, bf16 autocast, no optimizer step) on the same
-random batches, B = tokens // T rows of T tokens, timed by the same CUDA-event timer, one model at a time:
+random batches, B = tokens // T rows of T tokens, timed by the same CUDA-event timer, one model at a time, each in
+a fresh process (spawned), so that no model's memory, allocator cache or autotuning is left for the next:
 
 - ours: `--preset` with `--mixer` and `--vocab` (as `bench model`);
 - `hf-qwen2-moe`: transformers' `Qwen2MoeForCausalLM` with the preset's sizes (hidden size, layers, heads,
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
+import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 import torch
@@ -27,7 +31,7 @@ from torch import nn
 
 from linear_moe.bench.model import build_model, lm_step, model_config, random_batch, training_step
 from linear_moe.bench.report import Record, Report
-from linear_moe.bench.timer import free_memory, resolve_device
+from linear_moe.bench.timer import resolve_device
 from linear_moe.model.config import ModelConfig
 from linear_moe.ops.autotune import limit_autotune
 
@@ -124,28 +128,24 @@ def run(args: argparse.Namespace) -> Report:
     cfg = model_config(args, args.mixer)
     ours = f"ours {args.preset} {args.mixer}"
     report = Report("peers", args.out, vars(args))
-    max_len = max(args.seq_len)
     peers = list(args.peers)
     for p in peers:
         if p not in PEERS:
             raise ValueError(f"unknown peer {p!r}; valid: {', '.join(PEERS)}")
     print(f"{ours} beside {', '.join(peers) or 'no peers'}: {args.tokens:,} tokens per step, vocab {cfg.vocab_size}")
-    systems: list[tuple[str, Callable[[], nn.Module], Callable]] = [(ours, partial(build_model, cfg, device), lm_step)]
+    systems = [(ours, None)]
     for p in peers:
         reason = why_not(p, device)
         if reason:
             print(f"  {p}: skipped ({reason})")
             report.summary.setdefault("skipped", {})[p] = reason
             continue
-        build = hf_qwen2_moe if p == "hf-qwen2-moe" else fla_dense_gla
-        systems.append((p, partial(_on_device, build, cfg, max_len, device), partial(hf_step, cfg.vocab_size)))
-    for name, build, step_of in systems:
-        model = build()
-        for T in args.seq_len:
-            B = max(1, args.tokens // T)
-            report.measure(name, B, T, partial(step_of, model, B, T), device, args.steps, args.warmup)
-        del model
-        free_memory(device)
+        systems.append((p, p))
+    spawn = multiprocessing.get_context("spawn")
+    for name, peer in systems:
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:  # printed its records as it went
+            report.records += pool.submit(_measure_system, args, name, peer).result()
+        report.write_json()
     report.summary["ratios"] = ratios(report.records, ours)
     for key, row in report.summary["ratios"].items():
         parts = [f"ours/{key}: tokens/s x{row['tokens_per_s']:.2f}"]
@@ -154,6 +154,24 @@ def run(args: argparse.Namespace) -> Report:
         print("  " + ", ".join(parts))
     report.finish(plot=not args.no_plot, title=f"{args.preset} beside its peers: training step fwd+bwd")
     return report
+
+
+def _measure_system(args: argparse.Namespace, name: str, peer: str | None) -> list[Record]:
+    """In a fresh process: build one system (ours when `peer` is None) and time its step at every `--seq-len`."""
+    device = resolve_device(args.device)
+    limit_autotune(args.autotune)
+    cfg = model_config(args, args.mixer)
+    if peer is None:
+        model, step_of = build_model(cfg, device), lm_step
+    else:
+        build = hf_qwen2_moe if peer == "hf-qwen2-moe" else fla_dense_gla
+        model, step_of = _on_device(build, cfg, max(args.seq_len), device), partial(hf_step, cfg.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Report("peers", tmp)
+        for T in args.seq_len:
+            B = max(1, args.tokens // T)
+            report.measure(name, B, T, partial(step_of, model, B, T), device, args.steps, args.warmup)
+    return report.records
 
 
 def _on_device(build: Callable[[ModelConfig, int], nn.Module], cfg: ModelConfig, max_len: int, device) -> nn.Module:
