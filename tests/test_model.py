@@ -183,6 +183,97 @@ def test_prefill_and_decode_equal_full_forward(mixer):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+# ---------------------------------------------------------------- logits_to_keep
+
+
+@pytest.mark.parametrize("family,mixer", [("dense", "gla"), ("dense", "attention"), ("deepseek-v3", "rwkv7")])
+def test_logits_to_keep_equals_full_logits_sliced(family, mixer):
+    cfg = tiny(family, mixer, layer_pattern="LN")
+    model = build(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=True)
+        for keep, want in [(1, full.logits[:, -1:]), (4, full.logits[:, -4:]), (0, full.logits), (20, full.logits)]:
+            out = model(ids, use_cache=True, logits_to_keep=keep)
+            assert out.logits.shape == want.shape
+            torch.testing.assert_close(out.logits, want, rtol=1e-12, atol=1e-12)
+            for s_out, s_full in zip(out.states, full.states, strict=True):  # the states do not depend on it
+                for k in s_full:
+                    torch.testing.assert_close(s_out[k], s_full[k], rtol=0, atol=0)
+        positions = torch.tensor([8, 0, 3, 3])
+        out = model(ids, logits_to_keep=positions)
+    torch.testing.assert_close(out.logits, full.logits[:, [8, 0, 3, 3]], rtol=1e-12, atol=1e-12)
+
+
+def test_logits_to_keep_packed_last_token_of_each_document():
+    cfg = tiny("dense", "gated_deltanet")
+    model = build(cfg).double().eval()
+    cu = torch.tensor([0, 5, 14, 16])
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    with torch.no_grad():
+        kept = model(ids, cu_seqlens=cu, logits_to_keep=cu[1:] - 1).logits
+        last = [model(ids[:, a:b]).logits[:, -1] for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    assert kept.shape == (1, 3, cfg.vocab_size)
+    torch.testing.assert_close(kept, torch.stack(last, dim=1), rtol=1e-10, atol=1e-10)
+
+
+def test_logits_to_keep_with_labels_keeps_the_loss_over_all_positions():
+    cfg = tiny("dense", "gla", fuse_linear_cross_entropy=False)
+    model = build(cfg).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    labels = torch.randint(0, cfg.vocab_size, (2, 7))
+    full = model(ids, labels=labels)
+    out = model(ids, labels=labels, logits_to_keep=2)
+    ref = F.cross_entropy(full.logits.flatten(0, 1).float(), labels.flatten())  # the loss is float32 math
+    torch.testing.assert_close(out.loss, ref)
+    assert out.loss.item() == full.loss.item()
+    torch.testing.assert_close(out.logits, full.logits[:, -2:], rtol=0, atol=0)
+
+
+def test_prefill_with_logits_to_keep_builds_no_full_logits():
+    """The final norm and the LM head see [B, 1, D]; no op anywhere makes a tensor with T x V elements per row."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = tiny("dense", "gla", vocab_size=1000)
+    model = build(cfg).eval()
+    B, T, V = 2, 64, cfg.vocab_size
+    norm_inputs = []
+    model.norm.register_forward_hook(lambda mod, args, output: norm_inputs.append(tuple(args[0].shape)))
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest_with_vocab = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and V in t.shape:
+                    self.largest_with_vocab = max(self.largest_with_vocab, t.numel() // V)
+            return out
+
+    ids = torch.randint(0, V, (B, T))
+    with torch.no_grad(), Shapes() as shapes:
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    assert out.logits.shape == (B, 1, V)
+    assert norm_inputs == [(B, 1, cfg.hidden_size)]
+    assert shapes.largest_with_vocab == max(B, cfg.hidden_size)  # the logits [B, 1, V] and the head weight [V, D]
+    with torch.no_grad(), Shapes() as shapes:  # the probe sees full logits when they are built
+        model(ids)
+    assert shapes.largest_with_vocab == B * T
+
+
+def test_bad_logits_to_keep_is_one_value_error():
+    model = build(tiny())
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            model(ids, logits_to_keep=bad)
+    for bad in (torch.tensor([[0, 1]]), torch.tensor([0.0]), torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match="logits_to_keep: a tensor must be 1-D integer positions"):
+            model(ids, logits_to_keep=bad)
+
+
 def test_all_ignored_targets_give_zero_loss():
     model = build(tiny())
     ids = torch.randint(0, 512, (2, 5))

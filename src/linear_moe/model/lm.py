@@ -71,9 +71,30 @@ class Block(nn.Module):
 class LMOutput:
     loss: torch.Tensor | None  # mean CE over targets != -100 (None without labels)
     aux_loss: torch.Tensor | None  # sum of the MoE layers' aux losses (None for a dense model)
-    logits: torch.Tensor | None  # [B, T, V]; None when the fused loss ran
+    logits: torch.Tensor | None  # [B, T, V] ([B, N, V] of the kept positions); None when the fused loss ran
     states: list[MixerState | None] | None  # one mixer state per layer when use_cache / states given
     expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed to each expert
+
+
+def keep_positions(x_BT_: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of dim 1 that `logits_to_keep` selects, with transformers' rule: an int N > 0 keeps the last N
+    (all when N >= T), 0 keeps all, a 1-D integer tensor keeps those positions (in that order)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return x_BT_[:, logits_to_keep]
+    return x_BT_[:, -logits_to_keep:] if logits_to_keep else x_BT_
+
+
+def check_logits_to_keep(logits_to_keep: int | torch.Tensor) -> None:
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
+            raise ValueError(
+                f"logits_to_keep: a tensor must be 1-D integer positions, got {logits_to_keep.dtype} of shape "
+                f"{tuple(logits_to_keep.shape)}"
+            )
+    elif isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"logits_to_keep must be an int >= 0 (0: all positions) or a 1-D tensor of positions, got {logits_to_keep!r}"
+        )
 
 
 class LinearMoEForCausalLM(nn.Module):
@@ -126,8 +147,16 @@ class LinearMoEForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         states: list[MixerState | None] | None = None,
         use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> LMOutput:
-        """input_ids, labels [B, T] (labels already aligned, -100 ignored); states: one per layer or None."""
+        """input_ids, labels [B, T] (labels already aligned, -100 ignored); states: one per layer or None.
+
+        `logits_to_keep` (transformers' argument): an int N > 0 returns the logits of the last N positions
+        `[B, N, V]`, 0 all of them, a 1-D integer tensor those positions along T `[B, P, V]` (with `cu_seqlens`,
+        positions in the packed row, e.g. each document's last token `cu_seqlens[1:] - 1`). Without labels the
+        final norm and the LM head run on the kept positions only. With labels the loss still covers every position
+        and only the returned logits are narrowed."""
+        check_logits_to_keep(logits_to_keep)
         if states is not None and len(states) != len(self.layers):
             raise ValueError(f"states: expected one state per layer ({len(self.layers)}), got {len(states)}")
         if cu_seqlens is not None:  # checked once here (one host sync); the ops skip it for CUDA offsets
@@ -146,8 +175,12 @@ class LinearMoEForCausalLM(nn.Module):
             new_states.append(st)
             if aux is not None:
                 auxes.append(aux)
+        if labels is None:  # the norm and the head see the kept positions only: no [B, T, V] logits for a prefill
+            x_BTD = keep_positions(x_BTD, logits_to_keep)
         h_BTD = self.norm(x_BTD)
         loss, logits = causal_lm_loss(h_BTD, self.lm_head.weight, labels, self.cfg.fuse_linear_cross_entropy)
+        if labels is not None and logits is not None:
+            logits = keep_positions(logits, logits_to_keep)
         aux_loss = torch.stack([a.loss for a in auxes]).sum() if auxes else None
         expert_load = torch.stack([a.load for a in auxes]) if auxes else None
         return LMOutput(loss, aux_loss, logits, new_states if keep_states else None, expert_load)
