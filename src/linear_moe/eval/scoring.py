@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..generate.engine import forward_last
 from ..generate.states import init_states
 
 
@@ -65,7 +64,7 @@ def _score_packed(model, pairs, batch: list[int], max_len: int, results: list) -
         counts.append(n_cont)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device) if len(lens) > 1 else None
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    logits_PV, _ = forward_last(model, input_ids, None, cu, torch.tensor(positions, device=device), use_cache=False)
+    logits_PV = model(input_ids, cu_seqlens=cu, logits_to_keep=torch.tensor(positions, device=device)).logits[0]
     logprobs_PV = logits_PV.float().log_softmax(-1)
     targets_P = torch.tensor(targets, device=device)
     token_lp_P = logprobs_PV.gather(1, targets_P[:, None])[:, 0]

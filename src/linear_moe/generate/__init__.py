@@ -14,7 +14,6 @@ from .engine import (
     TextStream,
     check_fits,
     decode_step,
-    forward_last,
     generate,
     prefill,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "TextStream",
     "check_fits",
     "decode_step",
-    "forward_last",
     "generate",
     "init_states",
     "join_rows",

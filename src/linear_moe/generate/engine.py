@@ -86,32 +86,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def forward_last(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    states: States | None,
-    cu_seqlens: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
-    use_cache: bool = True,
-) -> tuple[torch.Tensor, States | None]:
-    """Run the model and return the logits at `positions` of the flattened tokens only (`[P, V]`; None: the last
-    position of every row) and the new states (None without states and `use_cache`). The final norm's output is narrowed to those positions before the LM
-    head, so a long prefill never materialises `[T, V]` logits."""
-    if positions is None:
-        B, T = input_ids.shape
-        positions = torch.arange(1, B + 1, device=input_ids.device) * T - 1
-
-    def keep_positions(_module, _inputs, h_BTD):
-        return h_BTD.flatten(0, 1).index_select(0, positions)[None]
-
-    handle = model.norm.register_forward_hook(keep_positions)
-    try:
-        out = model(input_ids, cu_seqlens=cu_seqlens, states=states, use_cache=use_cache)
-    finally:
-        handle.remove()
-    return out.logits[0], out.states
-
-
 def prefill(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -132,7 +106,8 @@ def prefill(
         ids = torch.tensor([[t for p in pieces for t in p]], dtype=torch.long, device=device)
         rows_t = torch.tensor(rows, device=device)
         part = states if len(rows) == N else select_rows(states, rows_t)
-        logits_RV, part = forward_last(model, ids, part, cu_seqlens, lens.cumsum(0) - 1)
+        out = model(ids, cu_seqlens=cu_seqlens, states=part, use_cache=True, logits_to_keep=lens.cumsum(0) - 1)
+        logits_RV, part = out.logits[0], out.states  # each piece's last position: no [T, V] logits
         states = part if len(rows) == N else put_rows(states, rows_t, part)
         for j, n in enumerate(rows):
             if len(prompts[n]) <= start + chunk:
@@ -142,7 +117,8 @@ def prefill(
 
 def decode_step(model: nn.Module, tokens_B: torch.Tensor, states: States) -> tuple[torch.Tensor, States]:
     """One token per row: `tokens_B [B]` -> next-token logits `[B, V]` and the new states."""
-    return forward_last(model, tokens_B[:, None], states)
+    out = model(tokens_B[:, None], states=states, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.states
 
 
 class TextStream:
