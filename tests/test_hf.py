@@ -229,3 +229,48 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer_fil
     with pytest.raises(HFError, match=r"tokenizer .* has 3[2-9][0-9] tokens but the model's vocabulary has 320"):
         export_hf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_transformers_generate_passes_logits_to_keep_and_keeps_our_tokens():
+    """transformers' `generate` sees `logits_to_keep` in the signature and passes 1: the prompt's forward runs the
+    final norm on one position only, and the greedy tokens stay those of our engine."""
+    pytest.importorskip("transformers")
+    from linear_moe.hf.configuration import LinearMoEConfig
+    from linear_moe.hf.modeling import LinearMoEForCausalLM as HFModel
+
+    cfg = get_preset("debug-mixtral").replace(mixer="gla", layer_pattern="LN", vocab_size=320)
+    torch.manual_seed(0)
+    hf = HFModel(LinearMoEConfig(linear_moe=cfg.to_dict())).eval()
+    passed, norm_inputs = [], []
+    hf.register_forward_pre_hook(
+        lambda mod, args, kwargs: passed.append(kwargs.get("logits_to_keep")), with_kwargs=True
+    )
+    hf.model.norm.register_forward_hook(lambda mod, args, output: norm_inputs.append(tuple(args[0].shape)))
+    prompt = torch.randint(0, 320, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    gen = hf.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert passed == [1] * NEW_TOKENS
+    assert norm_inputs == [(1, 1, cfg.hidden_size)] * NEW_TOKENS  # the prompt's forward too
+    ours, _ = generate(hf.model, [prompt[0].tolist()], GenerationConfig(NEW_TOKENS, stop_at_eos=False))
+    assert gen[0, PROMPT_LEN:].tolist() == ours[0].ids
+
+
+def test_hf_logits_to_keep_equals_full_logits_sliced():
+    pytest.importorskip("transformers")
+    from linear_moe.hf.configuration import LinearMoEConfig
+    from linear_moe.hf.modeling import LinearMoEForCausalLM as HFModel
+
+    cfg = get_preset("debug-dense").replace(mixer="gated_deltanet", vocab_size=320)
+    torch.manual_seed(0)
+    hf = HFModel(LinearMoEConfig(linear_moe=cfg.to_dict())).double().eval()
+    ids = torch.randint(0, 320, (2, 6))
+    with torch.no_grad():
+        full = hf(ids, labels=ids, use_cache=False)
+        for keep, cols in [(1, [5]), (3, [3, 4, 5]), (torch.tensor([4, 0]), [4, 0])]:
+            out = hf(ids, use_cache=False, logits_to_keep=keep)
+            torch.testing.assert_close(out.logits, full.logits[:, cols], rtol=1e-12, atol=1e-12)
+            with_labels = hf(ids, labels=ids, use_cache=False, logits_to_keep=keep)  # the loss covers every position
+            assert with_labels.loss.item() == full.loss.item()
+            torch.testing.assert_close(with_labels.logits, full.logits[:, cols], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            hf(ids, labels=ids, use_cache=False, logits_to_keep=-2)

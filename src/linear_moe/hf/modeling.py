@@ -18,6 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from linear_moe.hf.configuration import LinearMoEConfig
 from linear_moe.model import LinearMoEForCausalLM as CoreModel
+from linear_moe.model.lm import check_logits_to_keep, keep_positions
 
 State = dict[str, torch.Tensor] | None
 
@@ -95,10 +96,13 @@ class LinearMoEForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         cache: LinearMoECache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T, V] (float32 math as our model). `labels` follow transformers (the
-        model shifts them: position t predicts labels[t + 1]); the loss adds the MoE aux loss. Padding
+        model shifts them: position t predicts labels[t + 1]); the loss adds the MoE aux loss. `logits_to_keep`
+        is transformers' (`generate` passes 1: the prompt's forward builds `[B, 1, V]` logits, not `[B, T, V]`);
+        with `labels` the loss still covers every position and only the returned logits are narrowed. Padding
         (`attention_mask` zeros) is not supported: rows must be full sequences."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
@@ -109,15 +113,18 @@ class LinearMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is None:  # transformers >= 5.2x passes the cache as `cache` (past_key_values deprecated)
             past_key_values = cache
         states = past_key_values.states if past_key_values is not None else None
-        out = self.model(input_ids, states=states, use_cache=bool(use_cache))
-        loss = None
+        check_logits_to_keep(logits_to_keep)
+        keep = logits_to_keep if labels is None else 0  # the loss needs every position's logits
+        out = self.model(input_ids, states=states, use_cache=bool(use_cache), logits_to_keep=keep)
+        loss, logits = None, out.logits
         if labels is not None:
             target_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), target_BT.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), target_BT.flatten(), ignore_index=-100)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
+            logits = keep_positions(logits, logits_to_keep)
         cache = None
         if use_cache:
             cache = past_key_values if past_key_values is not None else LinearMoECache()
             cache.update(out.states, input_ids.shape[1])
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, past_key_values=cache)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits, past_key_values=cache)
