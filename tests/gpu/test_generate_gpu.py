@@ -1,6 +1,6 @@
 """Generation on CUDA with fla's kernels: CUDA-graph decode steps equal eager steps (logits and greedy tokens) for
 linear, hybrid and softmax stacks; `generate` with the graph step equals eager `generate`; the decode benchmark runs
-with graphs and a linear stack's state does not grow with the context."""
+with graphs and a linear stack's state does not grow with the context; a long prefill builds no [T, V] logits."""
 
 from __future__ import annotations
 
@@ -61,3 +61,28 @@ def test_decode_benchmark_with_graphs_keeps_a_linear_state_flat():
     assert rows[0]["state_MiB"] == rows[1]["state_MiB"]
     hybrid = benchmark_decode(model_of("gla", "LLLN", torch.bfloat16), 4, [256, 4096], steps=5, warmup=2)
     assert hybrid[1]["state_MiB"] > hybrid[0]["state_MiB"]  # the softmax layer's KV cache grows with the context
+
+
+def _peak_bytes(fn) -> int:
+    """Peak CUDA memory that `fn()` allocates above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@torch.no_grad()
+def test_long_prefill_builds_no_full_logits():
+    """A 4096-token prompt, 32k vocabulary: a 2048-token chunk's float32 logits are 250 MiB; prefill (logits_to_keep
+    of the last position) stays far below that, while a plain forward of one chunk does build them."""
+    torch.manual_seed(0)
+    cfg = get_preset("debug-dense").replace(mixer="gla", vocab_size=32000)
+    model = LinearMoEForCausalLM(cfg).to("cuda").eval()
+    prompt = torch.randint(0, cfg.vocab_size, (4096,)).tolist()
+    chunk_logits = 2048 * cfg.vocab_size * 4
+    prefill(model, [prompt], max_seq_len=4096, chunk=2048)  # warm-up: kernels compiled, cuBLAS workspaces allocated
+    assert _peak_bytes(lambda: prefill(model, [prompt], max_seq_len=4096, chunk=2048)) < chunk_logits / 8
+    ids = torch.tensor([prompt[:2048]], device="cuda")
+    assert _peak_bytes(lambda: model(ids)) >= chunk_logits  # the measure sees full logits when they are built
