@@ -219,10 +219,41 @@ def test_balance_losses_hand():
     torch.testing.assert_close(balance.balance_loss(probs, experts), torch.tensor(expected))
     dev = (4 * (f[0] + f[1]) / 2) * (P[0] + P[1]) + (4 * (f[2] + f[3]) / 2) * (P[2] + P[3])
     torch.testing.assert_close(balance.device_balance_loss(probs, experts, 2), torch.tensor(dev))
-    seq = balance.seq_balance_loss(probs.view(2, 2, 4), experts.view(2, 2, 1))
+    seq = balance.seq_balance_loss(probs, experts, *balance.sequence_rows(2, 2, None))
     row0 = 4 * (1.0 * 0.55)  # both tokens -> expert 0, P_0 = (0.7 + 0.4) / 2
     row1 = 4 * (0.5 * 0.4 + 0.5 * 0.35)  # experts 1, 2; P_1 = (0.6 + 0.2) / 2, P_2 = (0.2 + 0.5) / 2
     torch.testing.assert_close(seq, torch.tensor((row0 + row1) / 2))
+
+
+def test_sequence_rows_hand():
+    # 2 rows of 8 tokens in sequences of 3 (a last one of 2): 3 sequences a row
+    row, n = balance.sequence_rows(2, 8, 3)
+    assert n == 6 and row.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
+    # rank 1 of 2 context-parallel slices of those rows: tokens 4..7 of each row
+    row, n = balance.sequence_rows(2, 4, 3, rank=1, size=2)
+    assert n == 6 and row.tolist() == [1, 1, 2, 2, 4, 4, 5, 5]
+    assert balance.sequence_rows(1, 5, None)[0].tolist() == [0] * 5  # one sequence a row
+    assert balance.sequence_rows(1, 1, 16)[1] == 1  # a decode step: a sequence shorter than seq_len
+
+
+def test_seq_balance_loss_is_per_training_sequence():
+    """A packed [1, B*T] batch with `seq_len=T` has the loss of its B rows given as [B, T], the mean of each row's
+    `balance_loss`; without `seq_len` the packed row is one sequence (the batch-wise loss)."""
+    torch.manual_seed(0)
+    layer = MoELayer(tiny("deepseek_v3", n_group=1, topk_group=1, balance_coef=1.0), 8)
+    x = torch.randn(3, 10, 8)
+    _, rows = layer(x)
+    r = layer.router(x.reshape(-1, 8), layer.expert_bias)
+    probs = balance.balance_probs(r.scores_TE, "sigmoid")
+    per_row = [
+        balance.balance_loss(p, e) for p, e in zip(probs.view(3, 10, -1), r.experts_TK.view(3, 10, -1), strict=True)
+    ]
+    torch.testing.assert_close(rows.balance, torch.stack(per_row).mean())
+    _, whole = layer(x.reshape(1, 30, 8))
+    torch.testing.assert_close(whole.balance, balance.balance_loss(probs, r.experts_TK))
+    layer.seq_len = 10
+    _, packed = layer(x.reshape(1, 30, 8))
+    torch.testing.assert_close(packed.balance, rows.balance)
 
 
 def test_z_loss_hand_and_in_aux():

@@ -137,6 +137,18 @@ def test_cp_through_the_trainer_matches_one_process(tmp_path_factory):
     assert_matches(dist_pool(2).run(train_job, "gdn-v2-hybrid", {"cp": 2, "dp_shard": 1}, str(run_dir))[0], ref)
 
 
+def test_cp_sequence_wise_balance_matches_one_process(tmp_path_factory):
+    """DeepSeek-V3 MoE with the sequence-wise balance loss under cp=2 through the Trainer, 3 rows of 16 tokens a
+    micro-batch: the middle row is split over the two ranks, whose expert counts and probability sums of each row
+    are summed (the probabilities' with their gradients) before the loss."""
+    from test_parallel_dp_ep import assert_matches, reference, train_job
+
+    ref = reference("gla-v3", tmp_path_factory, rows=3)
+    run_dir = tmp_path_factory.mktemp("gla-v3-cp")
+    got = dist_pool(2).run(train_job, "gla-v3", {"cp": 2, "dp_shard": 1}, str(run_dir), None, 3)[0]
+    assert_matches(got, ref)
+
+
 LINEAR_MIXERS = ["retnet", "gla", "gated_deltanet", "mamba2", "hgrn2", "based", "rebased", "rwkv6", "rwkv7", "hgrn"]
 
 

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQ, ROWS, VOCAB, STEPS = 16, 4, 64, 3
 CASES = {  # mixer, layer pattern, MoE family, MoE overrides
     "lightning-mixtral": ("lightning_attn", None, "mixtral", {}),  # softmax router, balance loss
-    "gla-v3": ("gla", None, "deepseek_v3", {"balance_seq_wise": False}),  # sigmoid router, aux-free bias
-    "gdn-v2-hybrid": ("gated_deltanet", "LN", "deepseek_v2", {"balance_seq_wise": False}),  # device balance
+    "gla-v3": ("gla", None, "deepseek_v3", {"balance_coef": 0.01}),  # sigmoid router, aux-free bias, seq-wise balance
+    "gdn-v2-hybrid": ("gated_deltanet", "LN", "deepseek_v2", {}),  # device balance, sequence-wise balance
 }
 
 
@@ -53,7 +53,7 @@ class GlobalRows:
         return make_batch(ids[mine], labels[mine], starts[mine])
 
 
-def run_config(case: str, run_dir: str, layout: dict) -> RunConfig:
+def run_config(case: str, run_dir: str, layout: dict, rows: int = ROWS) -> RunConfig:
     mixer, pattern, family, moe_kwargs = CASES[case]
     moe = moe_preset(family, num_experts=4, top_k=2, expert_ffn_hidden_size=16, **moe_kwargs)
     model = ModelConfig(VOCAB, 32, 2, 2, mixer, layer_pattern=pattern, moe=moe, max_seq_len=64)
@@ -74,14 +74,14 @@ def run_config(case: str, run_dir: str, layout: dict) -> RunConfig:
         progress=False,
         plot=False,
     )
-    return RunConfig(model, DataConfig(seq_len=SEQ, micro_batch_size=ROWS), train, parallel=ParallelConfig(**layout))
+    return RunConfig(model, DataConfig(seq_len=SEQ, micro_batch_size=rows), train, parallel=ParallelConfig(**layout))
 
 
-def train_job(case: str, layout: dict, run_dir: str, resume: str | None = None) -> dict | None:
-    """Train `case` under `layout` (from checkpoint `resume`); rank 0 returns the records and the whole
-    parameters and buffers."""
-    cfg = run_config(case, run_dir, layout)
-    trainer = Trainer(cfg, build_model(cfg), GlobalRows(ROWS // run_layout(cfg).dp))
+def train_job(case: str, layout: dict, run_dir: str, resume: str | None = None, rows: int = ROWS) -> dict | None:
+    """Train `case` under `layout` (from checkpoint `resume`) on global micro-batches of `rows` rows; rank 0 returns
+    the records and the whole parameters and buffers."""
+    cfg = run_config(case, run_dir, layout, rows)
+    trainer = Trainer(cfg, build_model(cfg), GlobalRows(rows // run_layout(cfg).dp))
     if resume is not None:
         trainer.resume(Path(resume))
     trainer.fit()
@@ -92,15 +92,15 @@ def train_job(case: str, layout: dict, run_dir: str, resume: str | None = None) 
     return {**result, "state": {n: t.detach().clone() for n, t in state.items()}} if trainer.rank0 else None
 
 
-_REFERENCES: dict[str, dict] = {}
+_REFERENCES: dict[tuple[str, int], dict] = {}
 
 
-def reference(case: str, tmp_path_factory) -> dict:
+def reference(case: str, tmp_path_factory, rows: int = ROWS) -> dict:
     """One process reading every row (checkpoints after each step under its run_dir)."""
-    if case not in _REFERENCES:
+    if (case, rows) not in _REFERENCES:
         run_dir = tmp_path_factory.mktemp(f"ref-{case}")
-        _REFERENCES[case] = {**train_job(case, {}, str(run_dir)), "run_dir": run_dir}
-    return _REFERENCES[case]
+        _REFERENCES[case, rows] = {**train_job(case, {}, str(run_dir), rows=rows), "run_dir": run_dir}
+    return _REFERENCES[case, rows]
 
 
 def assert_matches(got: dict, ref: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from linear_moe.moe.dispatch import expert_counts
 
@@ -38,9 +39,45 @@ def balance_loss(
     return E * (expert_fraction(experts_TK, E, group) * probs_TE.mean(0)).sum()
 
 
-def seq_balance_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
-    """Sequence-wise balance loss (DeepSeek-V3 eq. 17-20): `balance_loss` per row, averaged over rows."""
-    return torch.stack([balance_loss(p, e) for p, e in zip(probs_BTE, experts_BTK, strict=True)]).mean()
+def sequence_rows(
+    batch: int, length: int, seq_len: int | None, rank: int = 0, size: int = 1, device: torch.device | None = None
+) -> tuple[torch.Tensor, int]:
+    """(row_N [batch * length] int64, R): the training sequence of each token of an input [batch, length], flat.
+
+    The input is slice `rank` of `size` equal slices along its length (context parallelism; `size=1`: whole rows),
+    so input row b is row b of `size * length` tokens, made of sequences of `seq_len` tokens (a shorter last one;
+    None: the whole row is one sequence), numbered row by row: R sequences in all, over every slice."""
+    row_len = size * length
+    seq = min(seq_len or row_len, row_len)
+    per_row = -(-row_len // seq)  # ceil: a last partial sequence (a decode step, a short eval row) counts on its own
+    pos_L = rank * length + torch.arange(length, device=device)
+    row_BL = torch.arange(batch, device=device)[:, None] * per_row + pos_L // seq
+    return row_BL.reshape(-1), batch * per_row
+
+
+def seq_balance_loss(
+    probs_NE: torch.Tensor,
+    experts_NK: torch.Tensor,
+    row_N: torch.Tensor,
+    num_rows: int,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3 arXiv:2412.19437 eq. 17-20): `balance_loss` per training sequence,
+    averaged over the `num_rows` sequences; token n belongs to sequence `row_N[n]` (`sequence_rows`).
+
+    With `group` (the context-parallel ranks, which hold slices of the same sequences) the sequences' expert counts
+    and probability sums [R, E] are summed over the group first, the probabilities' differentiably (each rank's
+    tokens get the gradient of every rank's loss), so every rank of the group has the loss of the whole sequences."""
+    E, k = probs_NE.shape[-1], experts_NK.shape[-1]
+    flat_Nk = (row_N[:, None] * E + experts_NK).reshape(-1)
+    counts_RE = expert_counts(flat_Nk, num_rows * E).view(num_rows, E)
+    psum_RE = probs_NE.new_zeros(num_rows, E).index_add(0, row_N, probs_NE)
+    if group is not None:
+        dist.all_reduce(counts_RE, group=group)
+        psum_RE = all_gather_tensor_autograd(psum_RE[None], 0, group).sum(0)
+    tokens_R1 = (counts_RE.sum(-1, keepdim=True) // k).clamp_min(1)
+    f_RE = counts_RE.float() / (tokens_R1 * k).float()
+    return (E * (f_RE * psum_RE / tokens_R1.to(psum_RE.dtype)).sum(-1)).mean()
 
 
 def device_balance_loss(

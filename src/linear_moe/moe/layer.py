@@ -34,7 +34,11 @@ class MoELayer(nn.Module):
     Scale-out swaps two attributes (see `linear_moe.parallel`): `dispatcher`, the `TokenDispatcher` that brings
     rows to the experts (`LocalDispatcher`; `AllToAllDispatcher` when the experts are split over ranks), and
     `stats_group`, the process group over which the balance losses count expert assignments (None: this rank).
-    A third, `recompute_chunk` (tokens, None: off), is set by `train.expert_chunk` (`parallel/checkpointing.py`):
+    The sequence-wise balance loss (`balance_seq_wise`) counts per training sequence: `seq_len` (tokens, None: each
+    input row is one sequence) cuts the rows of packed `[1, B*T]` batches into their sequences, and `seq_group`
+    (None: this rank) is the context-parallel group whose ranks hold consecutive slices of the same rows; both are
+    set by `linear_moe.parallel.parallelize` (`parallel/ep.py: apply_global_stats`).
+    Another, `recompute_chunk` (tokens, None: off), is set by `train.expert_chunk` (`parallel/checkpointing.py`):
     the routed experts then run on the tokens in chunks of that many, each chunk recomputed in backward, so their
     activations exist for one chunk at a time (what lets 1M-token sequences fit; the router still sees all tokens).
     """
@@ -53,6 +57,8 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
         self.stats_group: torch.distributed.ProcessGroup | None = None
+        self.seq_len: int | None = None
+        self.seq_group: torch.distributed.ProcessGroup | None = None
         self.recompute_chunk: int | None = None
         self.reset_parameters()
 
@@ -112,9 +118,7 @@ class MoELayer(nn.Module):
         bal = dev = z = zero
         if cfg.balance_coef:
             if cfg.balance_seq_wise:
-                bal = balance.seq_balance_loss(
-                    probs_TE.view(B, -1, cfg.num_experts), r.experts_TK.view(B, -1, cfg.top_k)
-                )
+                bal = balance.seq_balance_loss(probs_TE, r.experts_TK, *self._sequences(B, probs_TE.shape[0] // B))
             else:
                 bal = balance.balance_loss(probs_TE, r.experts_TK, self.stats_group)
         if cfg.device_balance_coef:
@@ -124,6 +128,14 @@ class MoELayer(nn.Module):
         loss = cfg.balance_coef * bal + cfg.device_balance_coef * dev + cfg.z_loss_coef * z
         load_E = expert_counts(r.experts_TK, cfg.num_experts).float()
         return MoEAux(loss, load_E, bal.detach(), dev.detach(), z.detach(), r.experts_TK.numel() - kept)
+
+    def _sequences(self, B: int, T: int) -> tuple[torch.Tensor, int, torch.distributed.ProcessGroup | None]:
+        """The sequence of each token of this call's [B, T] input, the number of sequences, and the group over which
+        they are split (`seq_len`, `seq_group`)."""
+        group = self.seq_group
+        rank, size = (torch.distributed.get_rank(group), torch.distributed.get_world_size(group)) if group else (0, 1)
+        row_N, rows = balance.sequence_rows(B, T, self.seq_len, rank, size, self.expert_bias.device)
+        return row_N, rows, group
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

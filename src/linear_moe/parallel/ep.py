@@ -23,11 +23,15 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
         moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_mesh.get_group(), cfg.capacity_factor, cfg.drop_policy)
 
 
-def apply_global_stats(model: nn.Module, mesh: ParallelMesh) -> None:
+def apply_global_stats(model: nn.Module, mesh: ParallelMesh | None, seq_len: int | None = None) -> None:
     """Balance losses count the expert assignments of every rank holding different tokens ("dp_cp"), so the mean
-    of the ranks' losses is the single-process loss of the global batch."""
-    dp_cp = mesh["dp_cp"]
-    if dp_cp.size() == 1:
-        return
+    of the ranks' losses is the single-process loss of the global batch. The sequence-wise balance loss counts per
+    training sequence of `seq_len` tokens (the rows of the packed batches; None: each input row), summed over the
+    "cp" ranks, which hold slices of the same sequences; it is a mean over sequences, so the mean over the ranks
+    reading different rows is again the single-process loss."""
+    stats = mesh["dp_cp"] if mesh is not None else None
+    cp = mesh["cp"] if mesh is not None else None
     for moe in moe_layers(model):
-        moe.stats_group = dp_cp.get_group()
+        moe.seq_len = seq_len
+        moe.stats_group = stats.get_group() if stats is not None and stats.size() > 1 else None
+        moe.seq_group = cp.get_group() if cp is not None and cp.size() > 1 else None

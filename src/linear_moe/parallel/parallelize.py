@@ -24,10 +24,13 @@ def parallelize(
     device: torch.device,
     options: StepOptions | None = None,
     param_dtype: torch.dtype | None = None,
+    seq_len: int | None = None,
 ) -> nn.Module:
     """`model` on `device`, split by the resolved `cfg` over `mesh` (None: one process, no process group).
 
     `param_dtype` is FSDP2's compute dtype for parameters (bf16 on GPU; None keeps float32, e.g. on CPU).
+    `seq_len` is the length of the rows packed into the `[1, B*T]` batches: the sequences of the MoE layers'
+    sequence-wise balance loss (None: each input row is one sequence).
     """
     model = model.to(device)
     if mesh is not None and cfg.pp > 1:  # first split the layers: everything below applies to this rank's stages
@@ -44,10 +47,9 @@ def parallelize(
         from .ep import apply_ep
 
         apply_ep(model, mesh)
-    if mesh is not None:
-        from .ep import apply_global_stats
+    from .ep import apply_global_stats
 
-        apply_global_stats(model, mesh)
+    apply_global_stats(model, mesh, seq_len)
     if mesh is not None and cfg.cp > 1:
         from .cp import apply_cp
 

@@ -122,6 +122,7 @@ class Trainer:
             device=self.device,
             options=StepOptions.of(self.tc),
             param_dtype=self.amp_dtype,
+            seq_len=cfg.data.seq_len,
         )
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
         self.data, self.val_data = data, val_data
