@@ -33,7 +33,20 @@ CASES = {  # mixer, layer pattern, MoE family, MoE overrides
     "lightning-mixtral": ("lightning_attn", None, "mixtral", {}),  # softmax router, balance loss
     "gla-v3": ("gla", None, "deepseek_v3", {"balance_coef": 0.01}),  # sigmoid router, aux-free bias, seq-wise balance
     "gdn-v2-hybrid": ("gated_deltanet", "LN", "deepseek_v2", {}),  # device balance, sequence-wise balance
+    "gla-v3-capacity": ("gla", None, "deepseek_v3", {"balance_coef": 0.01, "capacity_factor": 0.8}),  # drops
 }
+DROPLESS = ["lightning-mixtral", "gla-v3", "gdn-v2-hybrid"]  # every layout is the one-process run
+
+
+class RankRows:
+    """One process reading what `GlobalRows` gives `ranks` ranks, each rank's rows as a micro-batch of its own:
+    micro-batch `step` is rank `step % ranks`'s block of global micro-batch `step // ranks`."""
+
+    def __init__(self, rows: int, ranks: int):
+        self.rows, self.ranks = rows, ranks
+
+    def get_batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        return GlobalRows(self.rows).get_batch(step // self.ranks, step % self.ranks, self.ranks)
 
 
 class GlobalRows:
@@ -53,13 +66,13 @@ class GlobalRows:
         return make_batch(ids[mine], labels[mine], starts[mine])
 
 
-def run_config(case: str, run_dir: str, layout: dict, rows: int = ROWS) -> RunConfig:
+def run_config(case: str, run_dir: str, layout: dict, rows: int = ROWS, grad_accum: int = 2) -> RunConfig:
     mixer, pattern, family, moe_kwargs = CASES[case]
     moe = moe_preset(family, num_experts=4, top_k=2, expert_ffn_hidden_size=16, **moe_kwargs)
     model = ModelConfig(VOCAB, 32, 2, 2, mixer, layer_pattern=pattern, moe=moe, max_seq_len=64)
     train = TrainConfig(
         steps=STEPS,
-        grad_accum=2,  # the global target count and the aux weights span micro-batches and ranks
+        grad_accum=grad_accum,  # the global target count and the aux weights span micro-batches and ranks
         lr=3e-3,
         min_lr=3e-4,
         warmup=1,
@@ -77,11 +90,19 @@ def run_config(case: str, run_dir: str, layout: dict, rows: int = ROWS) -> RunCo
     return RunConfig(model, DataConfig(seq_len=SEQ, micro_batch_size=rows), train, parallel=ParallelConfig(**layout))
 
 
-def train_job(case: str, layout: dict, run_dir: str, resume: str | None = None, rows: int = ROWS) -> dict | None:
+def train_job(
+    case: str, layout: dict, run_dir: str, resume: str | None = None, rows: int = ROWS, split: int = 1
+) -> dict | None:
     """Train `case` under `layout` (from checkpoint `resume`) on global micro-batches of `rows` rows; rank 0 returns
-    the records and the whole parameters and buffers."""
-    cfg = run_config(case, run_dir, layout, rows)
-    trainer = Trainer(cfg, build_model(cfg), GlobalRows(rows // run_layout(cfg).dp))
+    the records and the whole parameters and buffers. `split` > 1 (one process): every global micro-batch runs as
+    `split` micro-batches, the rows of each of `split` data-parallel ranks."""
+    if split > 1:
+        cfg = run_config(case, run_dir, layout, rows // split, grad_accum=2 * split)
+        data = RankRows(rows // split, split)
+    else:
+        cfg = run_config(case, run_dir, layout, rows)
+        data = GlobalRows(rows // run_layout(cfg).dp)
+    trainer = Trainer(cfg, build_model(cfg), data)
     if resume is not None:
         trainer.resume(Path(resume))
     trainer.fit()
@@ -89,6 +110,7 @@ def train_job(case: str, layout: dict, run_dir: str, resume: str | None = None, 
     records = [r for r in trainer.history if r["split"] == "train"]
     result = {k: [r[k] for r in records] for k in ("loss", "aux_loss", "grad_norm", "tokens")}
     result["expert_load"] = [r["expert_load"] for r in records]
+    result["dropped"] = [r.get("dropped") for r in records]
     return {**result, "state": {n: t.detach().clone() for n, t in state.items()}} if trainer.rank0 else None
 
 
@@ -111,12 +133,13 @@ def assert_matches(got: dict, ref: dict) -> None:
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
     assert got["tokens"] == ref["tokens"]
     assert got["expert_load"] == ref["expert_load"]  # global counts
+    assert got["dropped"] == ref["dropped"]  # capacity drops summed over ranks (None without capacity)
     assert got["state"].keys() == ref["state"].keys()
     for name, value in ref["state"].items():
         torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", DROPLESS)
 def test_fsdp_and_ep_on_two_ranks_match_one_process(case, tmp_path_factory):
     ref = reference(case, tmp_path_factory)
     for layout in ({}, {"ep": 2}):  # FSDP over 2 ranks; experts split over them (and FSDP over both)
@@ -144,6 +167,16 @@ def test_checkpoints_move_between_layouts(tmp_path_factory):
     one = train_job("gdn-v2-hybrid", {}, str(tmp_path_factory.mktemp("one-from-ep")), their_last)
     assert one["loss"] == []  # nothing left to train: the loaded state is the final one
     torch.testing.assert_close(one["state"], ref["state"], rtol=1e-4, atol=2e-5)
+
+
+def test_capacity_is_per_rank(tmp_path_factory):
+    """With capacity_factor each rank drops against its own tokens: ep=2 (FSDP over the 2 ranks) follows one
+    process that runs each rank's rows as a micro-batch of its own, the logged drops summed over the ranks."""
+    run_dir = tmp_path_factory.mktemp("ref-capacity")
+    ref = train_job("gla-v3-capacity", {}, str(run_dir), split=2)
+    assert all(sum(d) > 0 for d in ref["dropped"])  # the limit bites at every step
+    run_dir = tmp_path_factory.mktemp("capacity-ep")
+    assert_matches(dist_pool(2).run(train_job, "gla-v3-capacity", {"ep": 2}, str(run_dir))[0], ref)
 
 
 def a2a_job() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:

@@ -74,6 +74,7 @@ class LMOutput:
     logits: torch.Tensor | None  # [B, T, V] ([B, N, V] of the kept positions); None when the fused loss ran
     states: list[MixerState | None] | None  # one mixer state per layer when use_cache / states given
     expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed to each expert
+    expert_dropped: torch.Tensor | None = None  # [num_moe_layers] int64 assignments dropped by the capacity limit
 
 
 def keep_positions(x_BT_: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -183,4 +184,5 @@ class LinearMoEForCausalLM(nn.Module):
             logits = keep_positions(logits, logits_to_keep)
         aux_loss = torch.stack([a.loss for a in auxes]).sum() if auxes else None
         expert_load = torch.stack([a.load for a in auxes]) if auxes else None
-        return LMOutput(loss, aux_loss, logits, new_states if keep_states else None, expert_load)
+        dropped = torch.stack([a.dropped for a in auxes]) if auxes else None
+        return LMOutput(loss, aux_loss, logits, new_states if keep_states else None, expert_load, dropped)

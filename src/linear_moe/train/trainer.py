@@ -10,7 +10,7 @@ Parallelism stays outside: `linear_moe.parallel.parallelize` applies the run's l
 checkpointing and compilation) to the built model. Under torchrun the data-parallel ranks read disjoint rows of
 each global batch; each rank's loss is scaled by its share of the global batch's target tokens (and FSDP sums the
 gradients), so every layout follows the same losses as one process reading the whole global batch. Losses, token
-counts and expert loads are summed over the ranks holding different tokens; only rank 0 writes logs.
+counts, expert loads and capacity drops are summed over the ranks holding different tokens; only rank 0 writes logs.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class StepResult:
     grad_norm: float | torch.Tensor
     tokens: int  # input tokens processed
     expert_load_LE: torch.Tensor | None  # summed over micro-batches
+    expert_dropped_L: torch.Tensor | None = None  # assignments dropped by the capacity limit, summed likewise
 
 
 class Trainer:
@@ -218,7 +219,7 @@ class Trainer:
         total = max(1, int(self._sum_over_ranks(torch.tensor(sum(counts), device=self.device))))  # global targets
         lm_sum = torch.zeros((), device=self.device)  # accumulated on the device: one sync per step
         aux_sum = torch.zeros((), device=self.device)
-        tokens, load_LE = 0, None
+        tokens, load_LE, dropped_L = 0, None, None
         for (input_ids, labels, cu_seqlens), count in zip(batches, counts, strict=True):
             out = self._forward_backward(input_ids, labels, cu_seqlens, total)
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=self.device)
@@ -233,24 +234,32 @@ class Trainer:
             if out.expert_load is not None:
                 load = out.expert_load.detach().float()
                 load_LE = load if load_LE is None else load_LE + load
+            if out.expert_dropped is not None:
+                dropped_L = out.expert_dropped if dropped_L is None else dropped_L + out.expert_dropped
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
         pipeline = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
         grad_norm = clip_grad_norm_(self.model.parameters(), clip, pipeline)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.token_group is not None:  # one all-reduce: losses, tokens and loads of every rank
+        if self.token_group is not None:  # one all-reduce: losses, tokens, loads and drops of every rank
             stats = [lm_sum.view(1), aux_sum.view(1), torch.tensor([float(tokens)], device=self.device)]
             stats += [load_LE.flatten()] if load_LE is not None else []
+            stats += [dropped_L] if dropped_L is not None else []
             packed = self._sum_over_ranks(torch.cat([x.double() for x in stats]))  # exact counts beyond 2**24
             lm_sum, aux_sum, tokens = packed[0], packed[1] / self.token_ranks, int(packed[2])
-            load_LE = packed[3:].float().view_as(load_LE) if load_LE is not None else None
+            rest = packed[3:]
+            if load_LE is not None:
+                load_LE, rest = rest[: load_LE.numel()].float().view_as(load_LE), rest[load_LE.numel() :]
+            if dropped_L is not None:
+                dropped_L = rest.long()
         if load_LE is not None:
             with torch.no_grad():
                 rows = getattr(self.model, "moe_rows", None)  # a pipeline rank: the rows of its own MoE layers
                 loads = load_LE if rows is None else load_LE[rows]
                 for layer, load_E in zip(moe_layers(self.model), loads, strict=True):
                     layer.update_bias(load_E)
-        return StepResult(float(lm_sum) / total, float(aux_sum) / self.tc.grad_accum, grad_norm, tokens, load_LE)
+        loss, aux_loss = float(lm_sum) / total, float(aux_sum) / self.tc.grad_accum
+        return StepResult(loss, aux_loss, grad_norm, tokens, load_LE, dropped_L)
 
     def lr(self, step: int) -> float:
         tc = self.tc
@@ -299,6 +308,11 @@ class Trainer:
         if res.expert_load_LE is not None:
             record["expert_load"] = [[round(x, 5) for x in row] for row in load_fractions(res.expert_load_LE).tolist()]
             record["load_imbalance"] = load_imbalance(res.expert_load_LE)
+        moe = self.cfg.model.moe
+        if res.expert_dropped_L is not None and moe is not None and moe.capacity_factor is not None:
+            record["dropped"] = res.expert_dropped_L.tolist()  # per MoE layer, over the step's micro-batches and ranks
+            if res.expert_load_LE is not None:  # of the assignments routed (the loads count them before dropping)
+                record["drop_fraction"] = float(res.expert_dropped_L.sum()) / max(1.0, float(res.expert_load_LE.sum()))
         return record
 
     def _log(self, logger: RunLogger, record: dict[str, Any]) -> None:
