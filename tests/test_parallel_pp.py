@@ -121,6 +121,7 @@ def pp_trainer_job(case: str, layout: dict, run_dir: str, resume: str | None = N
     trainer.fit()
     records = [r for r in trainer.history if r["split"] == "train"]
     result = {k: [r[k] for r in records] for k in ("loss", "aux_loss", "grad_norm", "tokens", "expert_load")}
+    result["dropped"] = [r.get("dropped") for r in records]
     state = {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in trainer.model.state_dict().items()}
     return {**result, "state": {n: t.detach().clone() for n, t in state.items()}}
 
@@ -149,6 +150,18 @@ def test_pp_through_the_trainer_matches_one_process(tmp_path_factory):
         k: last[k] for k in ("loss", "aux_loss", "expert_load")
     }
     assert_matches({**first, "state": {**first["state"], **last["state"]}}, ref)
+
+
+def test_pp_logs_the_capacity_drops_of_one_process(tmp_path_factory):
+    """With a capacity limit (one pipeline micro-batch: the reference's rows) every pipeline rank reports the
+    drops of all MoE layers, its own and the other stage's, as one process counts them."""
+    from test_parallel_dp_ep import reference
+
+    ref = reference("gla-v3-capacity", tmp_path_factory)
+    assert all(sum(d) > 0 for d in ref["dropped"])  # the limit bites at every step
+    first, last = pp_run("gla-v3-capacity", tmp_path_factory)
+    assert first["dropped"] == ref["dropped"] == last["dropped"]
+    assert first["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
 
 def test_pp_checkpoints_move_between_layouts(tmp_path_factory):

@@ -64,6 +64,7 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
 class AuxRecord:
     loss: torch.Tensor  # detached sum of this stage's aux losses for one micro-batch
     load_LE: torch.Tensor  # [local MoE layers, E]
+    dropped_L: torch.Tensor  # [local MoE layers] assignments dropped by the capacity limit
 
 
 class StageModule(nn.Module):
@@ -95,7 +96,8 @@ class StageModule(nn.Module):
                 auxes.append(aux)
         if auxes:
             aux_sum = torch.stack([a.loss for a in auxes]).sum()
-            self.records.append(AuxRecord(aux_sum.detach().float(), torch.stack([a.load for a in auxes])))
+            loads, dropped = torch.stack([a.load for a in auxes]), torch.stack([a.dropped for a in auxes])
+            self.records.append(AuxRecord(aux_sum.detach().float(), loads, dropped))
             h = AttachAux.apply(h, aux_sum, self.aux_scale)
         h = h.view(m, T, -1)
         if self.last:
@@ -191,7 +193,8 @@ class PipelineRunner:
         """Forward and backward (forward only unless `train`) of one batch: `input_ids`, `labels` [1, rows*T]
         packed with `cu_seqlens`, or [rows, T]. The output, the same on every pipeline rank, has detached losses: the
         batch's mean CE, the aux loss (summed over stages, mean over micro-batches) and the expert load of every MoE
-        layer [num MoE layers, E] summed over micro-batches (`PipelinedModel.moe_rows` are this rank's)."""
+        layer [num MoE layers, E] and its capacity drops [num MoE layers] summed over micro-batches
+        (`PipelinedModel.moe_rows` are this rank's)."""
         ids_BT, labels_BT = input_ids.reshape(rows, -1), labels.reshape(rows, -1)
         if rows % self.microbatches:
             raise ValueError(f"pipeline: {rows} rows do not split into {self.microbatches} micro-batches")
@@ -213,15 +216,28 @@ class PipelineRunner:
             s.records = s.records[-self.microbatches :]
         aux = sum((r.loss for s in self.stages for r in s.records), lm.new_zeros(())) / self.microbatches
         stats = [lm[None], aux[None]]
-        if self.model.num_moe_layers:  # this rank's rows (its MoE layers, stage by stage), zeros elsewhere
-            load = torch.zeros(self.model.num_moe_layers, self.model.cfg.moe.num_experts, device=self.device)
-            per_stage = [torch.stack([r.load_LE for r in s.records]).sum(0) for s in self.stages if s.records]
+        L = self.model.num_moe_layers
+        if L:  # this rank's rows (its MoE layers, stage by stage), zeros elsewhere; drops in the last column
+            load = torch.zeros(L, self.model.cfg.moe.num_experts + 1, device=self.device)
+            per_stage = [
+                torch.cat(
+                    [
+                        torch.stack([r.load_LE for r in s.records]).sum(0).float(),
+                        torch.stack([r.dropped_L for r in s.records]).sum(0).float()[:, None],
+                    ],
+                    1,
+                )
+                for s in self.stages
+                if s.records
+            ]
             if per_stage:
-                load[self.model.moe_rows] = torch.cat(per_stage).float()
+                load[self.model.moe_rows] = torch.cat(per_stage)
             stats.append(load.flatten())
         stats = torch.cat(stats)
         dist.all_reduce(stats, group=self.group)
         count = int((labels != -100).sum())
         loss = stats[0] * token_count / count if count else stats[0]  # sum of CE sums / token_count -> mean CE
-        load = stats[2:].view(self.model.num_moe_layers, -1) if self.model.num_moe_layers else None
-        return LMOutput(loss, stats[1] if load is not None else None, None, None, load)
+        if not L:
+            return LMOutput(loss, None, None, None, None)
+        load = stats[2:].view(L, -1)
+        return LMOutput(loss, stats[1], None, None, load[:, :-1], load[:, -1].round().long())
