@@ -89,69 +89,6 @@ def to_slots(y_ND: torch.Tensor, slot_N: torch.Tensor, inverse_Tk: torch.Tensor 
     return y_ND.new_zeros(num_slots, y_ND.shape[-1]).index_copy_(0, slot_N, y_ND)
 
 
-def _on_cuda_compiled(fn):
-    """`fn` compiled by torch.compile (dynamic shapes) when its first argument is a CUDA tensor, else eager. The
-    compiled kernels fuse the row gathers with the products and sums below into one pass each (eagerly they are
-    three to four passes over [T * k, D]). Never inside a CUDA-graph capture (decode steps run eager)."""
-    compiled = None
-
-    def run(*args):
-        nonlocal compiled
-        if not args[0].is_cuda or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
-
-    return run
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float32 when it is a narrower float (bf16, fp16): the dtype the fused sums accumulate in."""
-    return t.float() if t.element_size() < 4 else t
-
-
-@_on_cuda_compiled
-def _gather_sum(y_ND: torch.Tensor, inverse_Tk: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_j w[t, j] * y[inverse[t * k + j]] (sums in at least float32): [N, D] rows -> [T, D]."""
-    T, k = w_TK.shape
-    y_TkD = _wide(y_ND.index_select(0, inverse_Tk).view(T, k, -1))
-    return (y_TkD * _wide(w_TK).unsqueeze(-1)).sum(1).to(y_ND.dtype)
-
-
-@_on_cuda_compiled
-def _scaled_rows(g_TD: torch.Tensor, token_N: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
-    """row n = w[n] * g[token[n]]: [T, D] -> [N, D]."""
-    return (_wide(g_TD.index_select(0, token_N)) * _wide(w_N).unsqueeze(-1)).to(g_TD.dtype)
-
-
-@_on_cuda_compiled
-def _row_dots(g_TD: torch.Tensor, y_ND: torch.Tensor, inverse_Tk: torch.Tensor) -> torch.Tensor:
-    """[T, k]: <g[t], y[inverse[t * k + j]]> (at least float32)."""
-    T = g_TD.shape[0]
-    y_TkD = _wide(y_ND.index_select(0, inverse_Tk).view(T, -1, g_TD.shape[-1]))
-    return (y_TkD * _wide(g_TD).unsqueeze(1)).sum(-1)
-
-
-class _Combine(torch.autograd.Function):
-    """Dropless `combine`: out[t] = sum_j w[t, j] * y[inverse[t * k + j]], with the gather fused into the weighted
-    sum, and a backward of one fused gather-scale (the rows' gradient) and one fused gather-dot (the weights')."""
-
-    @staticmethod
-    def forward(ctx, y_ND, w_TK, token_N, slot_N, inverse_Tk):
-        ctx.save_for_backward(y_ND, w_TK, token_N, slot_N, inverse_Tk)
-        return _gather_sum(y_ND, inverse_Tk, w_TK)
-
-    @staticmethod
-    def backward(ctx, g_TD: torch.Tensor):
-        y_ND, w_TK, token_N, slot_N, inverse_Tk = ctx.saved_tensors
-        g_ND = (
-            _scaled_rows(g_TD, token_N, w_TK.reshape(-1).index_select(0, slot_N)) if ctx.needs_input_grad[0] else None
-        )
-        g_TK = _row_dots(g_TD, y_ND, inverse_Tk).to(w_TK.dtype) if ctx.needs_input_grad[1] else None
-        return g_ND, g_TK, None, None, None
-
-
 class _ToSlots(torch.autograd.Function):
     """`to_slots` with its backward: the gather of the kept slots' gradient rows."""
 
@@ -192,17 +129,16 @@ def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
 def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
     """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
 
-    Dropless, each token gathers its k rows and sums them weighted, in one fused pass (`_Combine`; torch.compile
-    fuses it on CUDA), accumulating in float32. With drops, the rows go back to their (token, slot) places
-    (`to_slots`, dropped slots zero), then an elementwise product with the weights and a sum over the k slots. (A
-    batched [1, k] x [k, D] `bmm` per token computes the same, but as T tiny matrix products it ran far below the
-    memory bandwidth: 20 ms of a 287 ms H200 step.)
+    The rows go back to their (token, slot) places (`to_slots`: a gather when nothing is dropped, dropped slots
+    zero otherwise), and one batched [1, k] x [k, D] product per token applies the router weights and sums over
+    the k experts. Measured on the H200 (T=65,536, k=8, D=1024, bf16, fwd+bwd): this bmm 3.3 ms; an elementwise
+    product and sum 4.8 ms; the same torch.compile'd 2.3 ms (plus the gather); a gather fused into the weighted
+    sum through torch.compile'd pieces 4.9 ms. The ideal (one read of the rows, one write) is ~1 ms: a hand-written
+    kernel would save ~3 ms per layer.
     """
     T, k = weights_TK.shape
-    if d.inverse_Tk is not None:  # dropless: one fused gather + weighted sum (`_Combine`)
-        return _Combine.apply(y_ND, weights_TK, d.token_N, d.slot_N, d.inverse_Tk)
     y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
-    return (y_TkD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
+    return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
 
 
 def permute_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
