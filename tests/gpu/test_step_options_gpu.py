@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _step(options: StepOptions | None, mixer: str):
     torch.manual_seed(0)
-    cfg = get_preset("debug-qwen2-moe").replace(mixer=mixer, layer_pattern="LLN")
+    cfg = get_preset("debug-qwen2-moe").replace(mixer=mixer, layer_pattern="LN")
     model = LinearMoEForCausalLM(cfg).cuda()
     if options is not None:
         apply_step_options(model, options)
