@@ -33,6 +33,7 @@ from linear_moe.bench.model import build_model, lm_step, model_config, random_ba
 from linear_moe.bench.report import Record, Report
 from linear_moe.bench.timer import resolve_device
 from linear_moe.model.config import ModelConfig
+from linear_moe.model.loss import tf32_matmuls
 from linear_moe.ops.autotune import limit_autotune
 
 PEERS = ("hf-qwen2-moe", "fla-gla")
@@ -102,9 +103,17 @@ def why_not(peer: str, device: torch.device) -> str | None:
 
 
 def hf_step(vocab_size: int, model: nn.Module, b: int, t: int) -> Callable[[], None]:
-    """A training step of a Hugging Face causal LM (its loss includes the router aux loss when it has one)."""
+    """A training step of a Hugging Face causal LM (its loss includes the router aux loss when it has one). The
+    forward runs with TF32 float32 matmuls allowed, as our loss does (`tf32_matmuls`): fla's fused linear
+    cross-entropy accumulates the LM-head gradient in float32 inside the forward, and without TF32 that runs as
+    SIMT sgemm, a handicap ours does not carry."""
     ids, labels, _ = random_batch(vocab_size, b, t, False, next(model.parameters()).device)
-    return training_step(lambda: model(input_ids=ids, labels=labels).loss, model, autocast=True)
+
+    def loss() -> torch.Tensor:
+        with tf32_matmuls():
+            return model(input_ids=ids, labels=labels).loss
+
+    return training_step(loss, model, autocast=True)
 
 
 def ratios(records: list[Record], ours: str) -> dict[str, dict[str, float]]:

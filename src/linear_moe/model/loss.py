@@ -19,7 +19,7 @@ def _fused_ce_cls():
 
 
 @contextlib.contextmanager
-def _tf32_matmuls():
+def tf32_matmuls():
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
@@ -47,7 +47,7 @@ def causal_lm_loss(
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight_VD.dtype
         # fla accumulates the LM-head gradient in float32 across token chunks (inside this forward call): allow
         # TF32 for those float32 matmuls, which otherwise run as SIMT sgemm (the slowest kernel of a step)
-        with _tf32_matmuls():
+        with tf32_matmuls():
             loss = loss_fn(h_BTD.flatten(0, 1).to(dtype), labels_BT.flatten(), weight_VD.to(dtype))
         return loss, None
     logits_BTV = F.linear(h_BTD, weight_VD)
