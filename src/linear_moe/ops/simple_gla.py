@@ -28,7 +28,7 @@ def _check(name: str, a: Args) -> None:
     checks.expect_shape(name, "g_gamma", a["g_gamma"], (q.shape[2],), "[H]")
 
 
-def _log_decay(q: Tensor, g: Tensor | None, g_gamma: Tensor | None) -> Tensor | None:
+def log_decay(q: Tensor, g: Tensor | None, g_gamma: Tensor | None) -> Tensor | None:
     """The per-token log decay `[B, T, H]` (or None) from `g [B, T, H]` and/or `g_gamma [H]`."""
     if g_gamma is None:
         return g
@@ -58,7 +58,7 @@ def chunk_simple_gla_torch(
         q,
         k,
         v,
-        _log_decay(q, g, g_gamma),
+        log_decay(q, g, g_gamma),
         scale,
         initial_state,
         output_final_state,
@@ -89,7 +89,7 @@ def fused_recurrent_simple_gla_torch(
         q,
         k,
         v,
-        _log_decay(q, g, g_gamma),
+        log_decay(q, g, g_gamma),
         scale,
         initial_state,
         output_final_state,
