@@ -1,8 +1,10 @@
-"""Helpers of the recurrent mixers: the chunk-vs-recurrent kernel choice, lazy op lookup, accumulation dtype,
-Mamba's time-step bias init and the FLOP count of a chunked recurrence."""
+"""Helpers of the recurrent mixers: the chunk-vs-recurrent kernel choice, lazy op lookup, the split form of the
+chunked ops (`seq_split`), accumulation dtype, Mamba's time-step bias init and the FLOP count of a chunked
+recurrence."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -29,6 +31,27 @@ def op(family: str, recurrent: bool) -> Callable[..., tuple[torch.Tensor, torch.
     """`linear_moe.ops.<family>.{chunk,fused_recurrent}_<family>`, imported on first use."""
     module = importlib.import_module(f"linear_moe.ops.{family}")
     return getattr(module, f"{'fused_recurrent' if recurrent else 'chunk'}_{family}")
+
+
+def check_seq_split(name: str, seq_split: int, local: str) -> None:
+    """The `seq_split` options of a mixer: tokens per piece (0 = off) and how the pieces' own states are found."""
+    from linear_moe.ops.split import LOCAL
+
+    if isinstance(seq_split, bool) or not isinstance(seq_split, int) or seq_split < 0:
+        raise ValueError(f"{name}: seq_split must be a number of tokens per piece (0 = off), got {seq_split!r}")
+    if local not in LOCAL:
+        raise ValueError(f"{name}: seq_split_local must be one of {', '.join(LOCAL)}, got {local!r}")
+
+
+def chunk_op(
+    family: str, seq_len: int, cu_seqlens: torch.Tensor | None, seq_split: int = 0, local: str = "op"
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """`chunk_<family>`, or its form over pieces of `seq_split` tokens run as a batch (`ops/split.py`, the same
+    results) when `seq_split` is set, the input is not packed and longer than one piece."""
+    if seq_split and cu_seqlens is None and seq_len > seq_split:
+        split = importlib.import_module("linear_moe.ops.split")
+        return functools.partial(getattr(split, f"chunk_{family}_split"), piece_len=seq_split, local=local)
+    return op(family, False)
 
 
 def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> torch.Tensor:

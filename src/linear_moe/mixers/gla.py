@@ -26,6 +26,10 @@ class GatedLinearAttention(_linear.LinearMixer):
         use_output_gate (True), gate_fn ('swish' | 'sigmoid'), norm_eps (1e-5).
         gate_logit_normalizer (16), gate_low_rank_dim (16), clamp_min (None): forget gate shape and lower bound
         on log alpha.
+        seq_split (0 = off): in the chunked path, run an unpacked input longer than this many tokens as pieces of
+        seq_split tokens side by side (`ops/split.py`: same outputs, states and gradients; more parallel state
+        passing on the GPU, speed not measured yet); seq_split_local ('op' | 'sum'): how the pieces' own final
+        states are found (a chunk_gla run, or one matmul keeping float32 copies of k and v for backward).
     State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
     """
 
@@ -47,6 +51,8 @@ class GatedLinearAttention(_linear.LinearMixer):
         gate_logit_normalizer: float = 16,
         gate_low_rank_dim: int = 16,
         clamp_min: float | None = None,
+        seq_split: int = 0,
+        seq_split_local: str = "op",
     ):
         super().__init__()
         if feature_map is not None and feature_map not in ELEMENTWISE:
@@ -58,6 +64,7 @@ class GatedLinearAttention(_linear.LinearMixer):
                 f"GatedLinearAttention: gate_logit_normalizer ({gate_logit_normalizer}) and "
                 f"gate_low_rank_dim ({gate_low_rank_dim}) must be positive"
             )
+        rec.check_seq_split("GatedLinearAttention", seq_split, seq_split_local)
         hk, hv, hkv = _linear.head_dims(
             "GatedLinearAttention", hidden_size, num_heads, expand_k, expand_v, num_kv_heads
         )
@@ -68,6 +75,7 @@ class GatedLinearAttention(_linear.LinearMixer):
         self._init_output(use_output_gate, gate_fn, norm_eps)
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.gate_logit_normalizer, self.clamp_min = gate_logit_normalizer, clamp_min
+        self.seq_split, self.seq_split_local = seq_split, seq_split_local
 
     def state_spec(self) -> dict[str, StateSpec]:
         shape = (self.num_heads, self.head_k_dim, self.head_v_dim)
@@ -89,7 +97,8 @@ class GatedLinearAttention(_linear.LinearMixer):
                 q=q, k=k, v=v, gk=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
             )
         else:
-            o_BTHV, s = rec.op("gla", False)(
+            fn = rec.chunk_op("gla", x.shape[1], cu_seqlens, self.seq_split, self.seq_split_local)
+            o_BTHV, s = fn(
                 q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
             )
         y = self.output(o_BTHV, x)

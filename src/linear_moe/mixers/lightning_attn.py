@@ -38,6 +38,8 @@ class LightningAttention(_linear.LinearMixer):
         use_output_gate (True), gate_fn ('sigmoid' | 'swish'), norm_per_head (False: one RMSNorm over all heads,
         as MiniMax-01), norm_eps (1e-6).
         use_short_conv (False), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
+        seq_split (0 = off), seq_split_local ('op'): run an unpacked input longer than seq_split tokens through
+        pieces of seq_split tokens side by side (`ops/split.py`, same results; see GatedLinearAttention).
     State: `recurrent` [B, H, K, V] (float32), conv_q/k/v [B, C, W-1] with short convs.
     """
 
@@ -61,8 +63,11 @@ class LightningAttention(_linear.LinearMixer):
         use_short_conv: bool = False,
         conv_size: int = 4,
         conv_bias: bool = False,
+        seq_split: int = 0,
+        seq_split_local: str = "op",
     ):
         super().__init__()
+        rec.check_seq_split("LightningAttention", seq_split, seq_split_local)
         if activation is not None and activation not in ELEMENTWISE:
             raise ValueError(
                 f"LightningAttention: unknown activation {activation!r}; valid: None, {', '.join(ELEMENTWISE)}"
@@ -75,6 +80,7 @@ class LightningAttention(_linear.LinearMixer):
         self.act = None if activation is None else ELEMENTWISE[activation]
         self.scale, self.num_layers = scale, num_layers
         self.total_heads = num_heads  # the slopes depend on the layer's head count (a tp rank runs a slice)
+        self.seq_split, self.seq_split_local = seq_split, seq_split_local
 
     def log_decay(self, device: torch.device | None = None) -> torch.Tensor:
         """log lambda_h = -slope_h of this module's heads h = head_offset .. head_offset + num_heads - 1, [H]
@@ -92,7 +98,10 @@ class LightningAttention(_linear.LinearMixer):
         if self.act is not None:
             q, k, v = self.act(q), self.act(k), self.act(v)
         k, v = self.repeat_kv(k, v)
-        fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
+        if rec.use_recurrent_kernel(self, state, x.shape[1]):
+            fn = rec.op("simple_gla", True)
+        else:
+            fn = rec.chunk_op("simple_gla", x.shape[1], cu_seqlens, self.seq_split, self.seq_split_local)
         o_BTHV, s = fn(
             q=q,
             k=k,

@@ -30,6 +30,8 @@ class MultiScaleRetention(_linear.LinearMixer):
         use_short_conv (False), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
         use_output_gate (True), gate_fn ('swish' | 'sigmoid'), norm_eps (1e-5).
         rope_theta (10000.0): RoPE base.
+        seq_split (0 = off), seq_split_local ('op'): run an unpacked input longer than seq_split tokens through
+        pieces of seq_split tokens side by side (`ops/split.py`, same results; see GatedLinearAttention).
     State: `recurrent` [B, H, K, V] (float32), `pos` [B] tokens seen (RoPE offset), conv_q/k/v [B, C, W-1].
     """
 
@@ -49,8 +51,11 @@ class MultiScaleRetention(_linear.LinearMixer):
         gate_fn: str = "swish",
         norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
+        seq_split: int = 0,
+        seq_split_local: str = "op",
     ):
         super().__init__()
+        rec.check_seq_split("MultiScaleRetention", seq_split, seq_split_local)
         if feature_map is not None and feature_map not in ELEMENTWISE:
             raise ValueError(
                 f"MultiScaleRetention: unknown feature_map {feature_map!r}; valid: None, {', '.join(ELEMENTWISE)}"
@@ -62,6 +67,7 @@ class MultiScaleRetention(_linear.LinearMixer):
         self._init_output(use_output_gate, gate_fn, norm_eps)
         self.feature_map_fn = None if feature_map is None else ELEMENTWISE[feature_map]
         self.rotary = RotaryEmbedding(hk, rope_theta)
+        self.seq_split, self.seq_split_local = seq_split, seq_split_local
 
     def log_decay(self, device: torch.device | None = None) -> torch.Tensor:
         """log gamma_h of this module's heads h = head_offset .. head_offset + num_heads - 1, [H] float32."""
@@ -81,7 +87,10 @@ class MultiScaleRetention(_linear.LinearMixer):
         pos_BT, pos_end = token_positions(x, None if state is None else state["pos"], cu_seqlens)
         q, k = self.rotary(q, pos_BT), self.rotary(k, pos_BT)
         k, v = self.repeat_kv(k, v)
-        fn = rec.op("simple_gla", rec.use_recurrent_kernel(self, state, x.shape[1]))
+        if rec.use_recurrent_kernel(self, state, x.shape[1]):
+            fn = rec.op("simple_gla", True)
+        else:
+            fn = rec.chunk_op("simple_gla", x.shape[1], cu_seqlens, self.seq_split, self.seq_split_local)
         o_BTHV, s = fn(
             q=q,
             k=k,
