@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from linear_moe.bench.model import model_config
 from linear_moe.bench.report import Record, Report, format_pivot
 from linear_moe.bench.timer import Timing, time_calls
 from linear_moe.cli import build_parser, main
 from linear_moe.model.flops import flops_per_token
+from linear_moe.model.lm import LinearMoEForCausalLM
 from linear_moe.model.presets import get_preset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,6 +251,16 @@ def test_list_options_take_commas_and_repeats():
     assert again.seq_len == [2048, 8192, 32768] and again.family == ["gla", "simple_gla", "gated_delta_rule"]
 
 
+def test_model_mixer_kwargs_reach_every_mixer_layer():
+    argv = ["bench", "model", "--preset", "debug-dense", "--layer-pattern", "LN", "--mixer-kwarg", "seq_split=8"]
+    args = build_parser().parse_args([*argv, "--mixer-kwarg", "seq_split_local=sum"])
+    cfg = model_config(args, "gla")
+    assert cfg.mixer_kwargs == {"seq_split": 8, "seq_split_local": "sum"}
+    gla, attention = LinearMoEForCausalLM(cfg).layers
+    assert (gla.mixer.seq_split, gla.mixer.seq_split_local) == (8, "sum")
+    assert not hasattr(attention.mixer, "seq_split")  # N layers take only the attention options
+
+
 def one_error_line(capsys, argv: list[str], match: str) -> None:
     try:
         code = main(argv)
@@ -274,4 +286,6 @@ def test_bench_misuse_is_one_line_error(capsys, tmp_path):
     one_error_line(capsys, ["bench", "layer", "--mixer", "gla2", *tiny], "unknown mixer 'gla2'")
     one_error_line(capsys, ["bench", "peers", "--peers", "hf", *tiny], "unknown peer 'hf'")
     one_error_line(capsys, ["bench", "model", "--shape", "16", *tiny], "expected BxT")
+    one_error_line(capsys, ["bench", "model", "--mixer-kwarg", "seq_split", *tiny], "must look like key=value")
+    one_error_line(capsys, ["bench", "model", "--mixer-kwarg", "split=8", *tiny], "unknown option(s) split")
     one_error_line(capsys, ["bench", "kernel", "--seq-len", "0", *cpu], "expected positive integers")

@@ -8,7 +8,9 @@ is a batch of B rows of T tokens; `BxT:packed` instead packs B documents of T to
 `cu_seqlens` (the layout the data pipeline feeds the trainer). After `--warmup` steps, `--steps` steps are timed
 with CUDA events: tokens/s, MFU (`flops_per_token(cfg, T)` over `--peak` FLOP/s, 989e12 = H200 dense bf16) and
 `torch.cuda.max_memory_allocated`. `--mixer` takes several mixers (one model each, in turn; `attention` is the
-softmax baseline). `--profile ROWS` then prints a torch.profiler table of the ops with the most device time.
+softmax baseline). `--mixer-kwarg KEY=VALUE` sets a mixer option for every `--mixer` (e.g. `seq_split=2048`: GLA's
+long rows through pieces, docs/ops.md). `--profile ROWS` then prints a torch.profiler table of the ops with the most
+device time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from linear_moe.bench.report import Record, Report
 from linear_moe.bench.timer import free_memory, resolve_device, sync
+from linear_moe.config import merge_overrides
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.flops import count_params, flops_per_token
 from linear_moe.model.lm import LinearMoEForCausalLM
@@ -113,9 +116,13 @@ def mfu(cfg: ModelConfig, seq_len: int, peak: float, record: Record) -> float:
 
 
 def model_config(args: argparse.Namespace, mixer: str) -> ModelConfig:
-    """The preset with `mixer`, `--layer-pattern`, `--vocab` and the cross-entropy choice applied."""
-    cfg = get_preset(args.preset).replace(
-        mixer=mixer, layer_pattern=args.layer_pattern, fuse_linear_cross_entropy=not args.no_fused_ce
+    """The preset with `mixer`, `--mixer-kwarg`s, `--layer-pattern`, `--vocab` and the cross-entropy choice."""
+    base = get_preset(args.preset)
+    cfg = base.replace(
+        mixer=mixer,
+        mixer_kwargs=merge_overrides(base.mixer_kwargs, args.mixer_kwarg),
+        layer_pattern=args.layer_pattern,
+        fuse_linear_cross_entropy=not args.no_fused_ce,
     )
     return cfg if args.vocab is None else cfg.replace(vocab_size=args.vocab)
 
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> Report:
         model = build_model(cfg, device, bf16=args.precision == "bf16")
         apply_step_options(model, StepOptions.of(args))
         print(
-            f"{args.preset} mixer={cfg.mixer} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
+            f"{args.preset} mixer={cfg.mixer} mixer_kwargs={cfg.mixer_kwargs} pattern={cfg.layer_pattern} params={count_params(cfg) / 1e6:,.1f}M "
             f"active={count_params(cfg, active=True) / 1e6:,.1f}M precision={args.precision} "
             f"compile={args.compile} autotune={args.autotune} ac={args.activation_checkpointing} "
             f"ckpt_experts={args.checkpoint_experts} expert_chunk={args.expert_chunk} "

@@ -70,6 +70,13 @@ def _model_options(p: argparse.ArgumentParser, vocab: int | None) -> None:
     p.add_argument("--preset", default="A0.3B-2B", help="model preset (default A0.3B-2B)")
     p.add_argument("--layer-pattern", default=None, help="e.g. LLLN (hybrid with softmax attention)")
     p.add_argument("--vocab", type=int, default=vocab, help=f"override the preset's vocabulary size (default {vocab})")
+    p.add_argument(
+        "--mixer-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set model.mixer_kwargs KEY of our model's mixer (repeatable; YAML values), e.g. seq_split=2048",
+    )
 
 
 def _kernel(p: argparse.ArgumentParser) -> None:
