@@ -98,9 +98,7 @@ class GatedLinearAttention(_linear.LinearMixer):
             )
         else:
             fn = rec.chunk_op("gla", x.shape[1], cu_seqlens, self.seq_split, self.seq_split_local)
-            o_BTHV, s = fn(
-                q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens
-            )
+            o_BTHV, s = fn(q=q, k=k, v=v, g=gk_BTHK, initial_state=s0, output_final_state=keep, cu_seqlens=cu_seqlens)
         y = self.output(o_BTHV, x)
         return y, {"recurrent": s, **new_state}
 
