@@ -57,7 +57,8 @@ def scan_states(decay_BPX: Tensor | None, local_BPHKV: Tensor, s0_BHKV: Tensor |
     over the elements (0, s0), (decay_0, local_0), ..., (decay_{P-2}, local_{P-2}); every exponent is a sum of
     log decays, so it is <= 0 and the factors stay in [0, 1]."""
     s0 = local_BPHKV.new_zeros(local_BPHKV[:, :1].shape) if s0_BHKV is None else s0_BHKV[:, None]
-    b = torch.cat([s0.to(local_BPHKV.dtype), local_BPHKV[:, :-1]], 1)
+    dt = torch.promote_types(s0.dtype, local_BPHKV.dtype)
+    b = torch.cat([s0.to(dt), local_BPHKV[:, :-1].to(dt)], 1)
     if decay_BPX is None:
         return b.cumsum(1)
     a = torch.cat([torch.zeros_like(decay_BPX[:, :1]), decay_BPX[:, :-1]], 1)
