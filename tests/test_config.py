@@ -226,6 +226,16 @@ def test_warmup_longer_than_the_run_is_noted():
     assert "train.warmup=20 is longer than the run (train.steps=10)" in note
 
 
+def test_expert_chunks_with_a_capacity_limit_are_noted():
+    from linear_moe.train.config import config_notes, load_run_config
+
+    capacity = ["model.moe.capacity_factor=1.25", "data.seq_len=128"]
+    assert config_notes(load_run_config(None, [*capacity, "train.expert_chunk=0"])) == []
+    assert config_notes(load_run_config(None, ["data.seq_len=128", "train.expert_chunk=64"])) == []
+    (note,) = config_notes(load_run_config(None, [*capacity, "train.expert_chunk=64"]))
+    assert "train.expert_chunk=64 with model.moe.capacity_factor=1.25" in note and "\n" not in note
+
+
 def test_choice_fields_are_literals_matching_their_users():
     import typing
 

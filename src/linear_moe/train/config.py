@@ -248,6 +248,13 @@ def config_notes(cfg: RunConfig) -> list[str]:
             f"note: train.warmup={tc.warmup} is longer than the run (train.steps={tc.steps}): the learning rate "
             f"never reaches train.lr={tc.lr:g}"
         )
+    moe = cfg.model.moe
+    if tc.expert_chunk and moe is not None and moe.capacity_factor is not None:
+        notes.append(
+            f"note: train.expert_chunk={tc.expert_chunk} with model.moe.capacity_factor={moe.capacity_factor:g}: "
+            "each chunk of a micro-batch's tokens gets its own expert capacity, so the drops differ from a run "
+            "without chunks"
+        )
     return notes
 
 
