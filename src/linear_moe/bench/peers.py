@@ -64,6 +64,9 @@ def hf_qwen2_moe(cfg: ModelConfig, max_len: int) -> nn.Module:
         output_router_logits=True,
         use_cache=False,
         attn_implementation="sdpa",
+        # explicit: transformers falls back to its per-expert loop ("eager") without saying so when it cannot set
+        # an implementation, and that loop ran out of memory on the H200 (12-02)
+        experts_implementation="grouped_mm",
     )
     with warnings.catch_warnings():  # the empty shared expert: "Initializing zero-element tensors is a no-op"
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
