@@ -82,9 +82,9 @@ class MoELayer(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         r = self.router(x_ND, self.expert_bias)
         chunk = self.recompute_chunk
-        if chunk is None or x_ND.shape[0] <= chunk:
+        if chunk is None:
             y_ND, kept = self._routed(x_ND, r.experts_TK, r.weights_TK)
-        else:  # every chunk through `checkpoint`: only its slice of x_ND (a view) is kept for backward
+        else:  # every chunk (one when T <= chunk) through `checkpoint`: only its slice of x_ND (a view) is kept
             pieces = [
                 checkpoint(
                     self._routed,
