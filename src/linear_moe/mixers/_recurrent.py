@@ -44,11 +44,13 @@ def check_seq_split(name: str, seq_split: int, local: str) -> None:
 
 
 def chunk_op(
-    family: str, seq_len: int, cu_seqlens: torch.Tensor | None, seq_split: int = 0, local: str = "op"
+    family: str, seq_len: int, seq_split: int = 0, local: str = "op"
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    """`chunk_<family>`, or its form over pieces of `seq_split` tokens run as a batch (`ops/split.py`, the same
-    results) when `seq_split` is set, the input is not packed and longer than one piece."""
-    if seq_split and cu_seqlens is None and seq_len > seq_split:
+    """`chunk_<family>`, or its form over pieces of `seq_split` tokens run side by side (`ops/split.py`, the same
+    results) when `seq_split` is set and the input (rows, or the packed row with `cu_seqlens`) is longer than one
+    piece. Packed: only documents longer than a piece are cut; building the pieces reads `cu_seqlens` on the host
+    once per `cu_seqlens` tensor (one sync per forward, shared by the layers)."""
+    if seq_split and seq_len > seq_split:
         split = importlib.import_module("linear_moe.ops.split")
         return functools.partial(getattr(split, f"chunk_{family}_split"), piece_len=seq_split, local=local)
     return op(family, False)

@@ -30,8 +30,8 @@ class MultiScaleRetention(_linear.LinearMixer):
         use_short_conv (False), conv_size (4), conv_bias (False): causal depthwise conv (silu) on q, k, v.
         use_output_gate (True), gate_fn ('swish' | 'sigmoid'), norm_eps (1e-5).
         rope_theta (10000.0): RoPE base.
-        seq_split (0 = off), seq_split_local ('op'): run an unpacked input longer than seq_split tokens through
-        pieces of seq_split tokens side by side (`ops/split.py`, same results; see GatedLinearAttention).
+        seq_split (0 = off), seq_split_local ('op'): run rows or packed documents longer than seq_split tokens
+        through pieces of seq_split tokens side by side (`ops/split.py`, same results; see GatedLinearAttention).
     State: `recurrent` [B, H, K, V] (float32), `pos` [B] tokens seen (RoPE offset), conv_q/k/v [B, C, W-1].
     """
 
@@ -90,7 +90,7 @@ class MultiScaleRetention(_linear.LinearMixer):
         if rec.use_recurrent_kernel(self, state, x.shape[1]):
             fn = rec.op("simple_gla", True)
         else:
-            fn = rec.chunk_op("simple_gla", x.shape[1], cu_seqlens, self.seq_split, self.seq_split_local)
+            fn = rec.chunk_op("simple_gla", x.shape[1], self.seq_split, self.seq_split_local)
         o_BTHV, s = fn(
             q=q,
             k=k,
