@@ -2,8 +2,9 @@
 
 For every public op and every fla function it may call (`FlaCall`): the arguments we pass by position are fla's
 first parameters in that order, every keyword we pass is a named parameter of fla (none swallowed by a
-`**kwargs`), the caller's extra keywords are forwarded only where fla takes `**kwargs` or names them, and the
-arguments we drop (`drops`) are ones fla lacks. Our public ops keep fla's defaults for every parameter they share
+`**kwargs`), the caller's extra keywords are forwarded only where fla takes `**kwargs` or names them, the
+arguments we drop (`drops`) are ones fla lacks, and a call that hands on fla's `cp_context` (`cp`) goes to a
+function with that parameter. Our public ops keep fla's defaults for every parameter they share
 with the fla function of the same name. The CPU twin (`tests/test_ops_dispatch.py`) checks that each op passes
 exactly what its table entry promises.
 """
@@ -62,7 +63,8 @@ def test_our_call_binds_to_fla_signature(op: str, call: FlaCall) -> None:
     elif call.kwargs:
         assert set(call.kwargs) <= named, f"{op}: fla's {call.name} has no parameter {set(call.kwargs) - named}"
     assert not set(call.drops) & named, f"{op}: fla's {call.name} takes {set(call.drops) & named}: forward it"
-    sig.bind(*([None] * call.positional), **dict.fromkeys(keywords))
+    assert not call.cp or "cp_context" in named, f"{op}: fla's {call.name} takes no cp_context"
+    sig.bind(*([None] * call.positional), **dict.fromkeys(keywords | ({"cp_context"} if call.cp else set())))
 
 
 @pytest.mark.parametrize("op", [n for n, op in TABLE.items() if any(c.name == n for c in op.calls)])

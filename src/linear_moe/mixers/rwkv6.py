@@ -10,7 +10,7 @@ from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers._linear import head_dims
 from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.low_rank import LowRankProjection
-from linear_moe.mixers.token_shift import token_shift
+from linear_moe.ops.token_shift import token_shift
 
 GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu, "gelu": F.gelu}
 

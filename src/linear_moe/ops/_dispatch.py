@@ -11,6 +11,11 @@ receives: the argument names (the first `positional` of them by position, the re
 name in fla), optionally the caller's extra keyword arguments, an `adapt` that casts arguments before the call
 and a `finish` that post-processes fla's result. Tests check these promises against fla's real signatures.
 
+fla's context parallelism: a caller may pass `cp_context=` (fla.ops.cp's `FLACPContext`) to any public op. It is
+never bound to the PyTorch signature: the op hands it to the first `FlaCall` with `cp=True` whose `when` holds, on
+CUDA with fla; anywhere else (CPU, `LINEAR_MOE_KERNELS=torch`, an op or arguments fla's context parallelism does
+not cover) it raises a one-line ValueError, since the PyTorch path would silently ignore the other ranks.
+
 fla is optional and imported lazily: importing `linear_moe` never imports triton or fla.
 Set `LINEAR_MOE_KERNELS=torch` to force the PyTorch path everywhere (useful to compare).
 """
@@ -39,6 +44,7 @@ OP_MODULES = (
     "gated_delta_rule",
     "rwkv7",
     "conv",
+    "token_shift",
     "norm",
     "activations",
 )
@@ -92,6 +98,8 @@ class FlaCall:
     adapt: bound arguments -> the arguments fla gets (casts; constants fla needs that the op does not take).
     finish: (fla's result, bound arguments) -> the op's result.
     drops: the op's arguments fla does not take; `when` guarantees they hold their defaults.
+    cp: fla's function takes `cp_context` (its context parallelism): a caller's `cp_context` is passed on.
+    cp_only: taken only with a `cp_context` (fla's context-parallel form of an op that otherwise runs PyTorch).
     """
 
     module: str
@@ -103,6 +111,8 @@ class FlaCall:
     adapt: Callable[[Args], Args] | None = None
     finish: Callable[[Any, Args], Any] | None = None
     drops: tuple[str, ...] = ()
+    cp: bool = False
+    cp_only: bool = False
 
     def fn(self) -> Callable[..., Any]:
         """fla's function (imported on first use)."""
@@ -119,8 +129,10 @@ class FlaCall:
         keywords = {n: a[n] for n in self.args[self.positional :]}
         return tuple(a[n] for n in self.args[: self.positional]), {**keywords, **extra}
 
-    def __call__(self, a: Args) -> Any:
+    def __call__(self, a: Args, cp_context: Any = None) -> Any:
         positional, keywords = self.arguments(a)
+        if cp_context is not None:
+            keywords["cp_context"] = cp_context
         out = self.fn()(*positional, **keywords)
         return out if self.finish is None else self.finish(out, a)
 
@@ -162,12 +174,14 @@ def fla_dispatch(
     name = torch_fn.__name__.removesuffix("_torch")
     check = check if check is not None else getattr(torch_fn, "check", None)
 
-    def op(*args: Any, **kwargs: Any) -> Any:
+    def op(*args: Any, cp_context: Any = None, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs[next(iter(sig.parameters))]
+        if cp_context is not None:
+            return _cp_call(name, sig, calls, check, x, args, kwargs, cp_context)
         if use_fla(x):
             a = bind(sig, args, kwargs)
             for call in calls:
-                if call.when is None or call.when(a):
+                if not call.cp_only and (call.when is None or call.when(a)):
                     if check is not None:
                         check(name, a)
                     return call(a)
@@ -183,6 +197,34 @@ def fla_dispatch(
     op.check = check
     OPS[name] = op
     return op
+
+
+def _cp_call(
+    name: str,
+    sig: inspect.Signature,
+    calls: tuple[FlaCall, ...],
+    check: Callable[[str, Args], None] | None,
+    x: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cp_context: Any,
+) -> Any:
+    """An op called with fla's `cp_context`: its first `cp` call whose `when` holds, or a one-line error."""
+    fix = "use parallel.cp_backend=own (our state exchange)"
+    if not any(c.cp for c in calls):
+        raise ValueError(f"{name}: fla's context parallelism (cp_context) does not cover this op; {fix}")
+    if not use_fla(x):
+        where = "LINEAR_MOE_KERNELS=torch" if x.is_cuda and fla_available() else f"a {x.device.type} tensor"
+        raise ValueError(
+            f"{name}: cp_context (fla's context parallelism) runs only fla's CUDA kernel, got {where}; {fix}"
+        )
+    a = bind(sig, args, kwargs)
+    for call in calls:
+        if call.cp and (call.when is None or call.when(a)):
+            if check is not None:
+                check(name, a)
+            return call(a, cp_context)
+    raise ValueError(f"{name}: fla's context-parallel kernel does not take these arguments (a state?); {fix}")
 
 
 def dispatch_table() -> dict[str, Callable[..., Any]]:

@@ -54,7 +54,9 @@ causal_conv1d = fla_dispatch(
         positional=3,
         adapt=_fla_args,
         finish=lambda out, a: out[0],  # fla returns (y, final conv state)
+        cp=True,
     ),
+    note="Takes fla's cp_context (the previous rank's last W-1 inputs come through fla's exchange).",
 )
 
 

@@ -172,8 +172,10 @@ chunk_gated_delta_rule = fla_dispatch(
         positional=5,
         kwargs=True,
         adapt=CAST,
+        cp=True,
     ),
     check=_check_layout,
+    note="Takes fla's cp_context.",
 )
 fused_recurrent_gated_delta_rule = fla_dispatch(
     fused_recurrent_gated_delta_rule_torch,

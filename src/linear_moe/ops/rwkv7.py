@@ -21,7 +21,7 @@ from linear_moe.ops._dispatch import Args, FlaCall, cast_like, checked, fla_disp
 
 Tensor = torch.Tensor
 CHUNK_SIZE = 64  # shortened where the decays are strong (`_wy.factorised_chunk_size`)
-FLA_CHUNK_KWARGS = ("safe_gate", "chunk_size", "disable_recompute", "cp_context", "lower_bound")
+FLA_CHUNK_KWARGS = ("safe_gate", "chunk_size", "disable_recompute", "lower_bound")
 
 
 def _check(name: str, a: Args) -> None:
@@ -91,8 +91,8 @@ ARGS = ("r", "w", "k", "v", "a", "b", "scale", "initial_state", "output_final_st
 CAST = cast_like("v", "r", "k", "a", "b")
 chunk_rwkv7 = fla_dispatch(
     chunk_rwkv7_torch,
-    FlaCall("ops.rwkv7", "chunk_rwkv7", (*ARGS, "cu_seqlens_cpu"), 6, kwargs=FLA_CHUNK_KWARGS, adapt=CAST),
-    note="Only fla's own tuning kwargs are forwarded (it takes no **kwargs).",
+    FlaCall("ops.rwkv7", "chunk_rwkv7", (*ARGS, "cu_seqlens_cpu"), 6, kwargs=FLA_CHUNK_KWARGS, adapt=CAST, cp=True),
+    note="Only fla's own tuning kwargs are forwarded (it takes no **kwargs); takes fla's cp_context.",
 )
 fused_recurrent_rwkv7 = fla_dispatch(
     fused_recurrent_rwkv7_torch,
