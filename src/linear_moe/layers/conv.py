@@ -3,6 +3,8 @@ state (the last W-1 inputs)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,7 +18,8 @@ class ShortConvolution(nn.Module):
     forward(x [B, T, D], state [B, D, W-1] | None, cu_seqlens, output_final_state) -> (y [B, T, D], new_state
     [B, D, W-1] or None). The state holds the last W-1 inputs; with cu_seqlens each document starts from its own
     state row (zeros if none) and the convolution never reads across a document boundary. Without a state the
-    convolution is `linear_moe.ops.conv.causal_conv1d` (fla's kernel on CUDA).
+    convolution is `linear_moe.ops.conv.causal_conv1d` (fla's kernel on CUDA). With fla's `cp_context` (context
+    parallelism) fla's kernel brings in the previous rank's last W-1 inputs itself; no state goes in or out.
     """
 
     def __init__(self, dim: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False):
@@ -35,7 +38,14 @@ class ShortConvolution(nn.Module):
         state: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         output_final_state: bool = True,
+        cp_context: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cp_context is not None:
+            if state is not None or output_final_state:
+                raise ValueError(
+                    "ShortConvolution: fla's cp_context carries no state; pass state=None, output_final_state=False"
+                )
+            return causal_conv1d(x, self.weight, self.bias, self.activation, cu_seqlens, cp_context=cp_context), None
         if state is None:
             y = causal_conv1d(x, self.weight, self.bias, self.activation, cu_seqlens)
             return y, (self._final_state(x, cu_seqlens) if output_final_state else None)

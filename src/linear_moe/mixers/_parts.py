@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,16 +52,23 @@ class Projections(Mixer):
         return {f"conv_{n}": StateSpec((dim, held[n]), None, "window", held[n]) for n, dim in self.proj_dims.items()}
 
     def project(
-        self, x: torch.Tensor, state: MixerState | None, cu_seqlens: torch.Tensor | None, keep: bool
+        self,
+        x: torch.Tensor,
+        state: MixerState | None,
+        cu_seqlens: torch.Tensor | None,
+        keep: bool,
+        cp_context: Any = None,
     ) -> tuple[list[torch.Tensor], MixerState]:
         """x [B, T, D] -> one [B, T, dims[name]] per projection (in `dims` order, after the short convs) and the new
-        conv states (empty unless `keep`: training skips computing them)."""
+        conv states (empty unless `keep`: training skips computing them). `cp_context`: fla's context parallelism,
+        handed to the short convs (mixers/base.py)."""
         outs, new_state = [], {}
         for name in self.proj_dims:
             y = getattr(self, f"{name}_proj")(x)
             if self.use_short_conv:
                 conv = getattr(self, f"{name}_conv1d")
-                y, s = conv(y, None if state is None else state[f"conv_{name}"], cu_seqlens, output_final_state=keep)
+                conv_state = None if state is None else state[f"conv_{name}"]
+                y, s = conv(y, conv_state, cu_seqlens, output_final_state=keep, cp_context=cp_context)
                 if keep:
                     new_state[f"conv_{name}"] = s
             outs.append(y)

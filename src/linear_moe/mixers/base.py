@@ -12,7 +12,8 @@
 - `use_cache` (or a given `state`): return the state after the last token, else None.
 - `context`: the one `MixerContext` of this forward, handed to every mixer alike. It carries the values that
   travel from layer to layer (RWKV-7's first-layer value `v_first`); a pipeline stage sends it with the hidden
-  states, so no mixer reads anything model-wide.
+  states, so no mixer reads anything model-wide. Under context parallelism with fla's kernels it also carries
+  fla's `cp_context`, which a mixer hands to the ops it declares in `fla_cp_ops()` (below).
 
 What a mixer takes from the model is only its constructor arguments: `hidden_size`, `num_heads`, `layer_idx`,
 `num_layers` (depth-dependent inits; every mixer accepts it) and its own options. Parameters a method needs are
@@ -23,12 +24,17 @@ wanted), `state_spec()` and `sequence_flops()`; `forward` is the template that v
 `keep`, and drops the state when it is not wanted. Layers hold no parallelism code and no hidden state of their
 own: everything that carries over between calls goes through `state`, so chunked prefill, decoding and context
 parallelism manage it from the outside.
+
+fla's context parallelism (`fla.ops.cp`) carries the state inside fla's kernels instead: a mixer whose every
+token-to-token carry runs through ops that take fla's `cp_context` declares them in `fla_cp_ops()` (public op names
+of `linear_moe.ops`), and passes `context.cp_context` to each of them. parallel/cp.py then runs such a mixer once
+on its rank's slice, with `state=None` and the context set; the ops refuse a `cp_context` off fla's CUDA path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +43,7 @@ from linear_moe.ops.checks import check_varlen
 
 Tensor = torch.Tensor
 MixerState = dict[str, torch.Tensor]
+FLA_CP_MAX_HEAD_DIM = 256  # fla.ops.cp's delta-rule kernels take key heads up to this width (`fla_cp_ops`)
 
 
 @dataclass
@@ -46,14 +53,18 @@ class MixerContext:
     per token, [B, T, ...] like the hidden states, so it follows any split of the rows or of the sequence."""
 
     v_first: torch.Tensor | None = None  # RWKV-7: the value of the first RWKV-7 layer [B, T, value_dim]
+    # fla's `FLACPContext` (fla.ops.cp) of this rank's slice of a packed sequence: set by parallel/cp.py around the
+    # one run of a mixer that declares `fla_cp_ops()`, None otherwise. Not per token: `tensors` and `map` skip it.
+    cp_context: Any | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The fields that are set (what a pipeline stage sends)."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """The per-token fields that are set (what a pipeline stage sends)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
     def map(self, fn) -> MixerContext:
-        """A new context holding `fn(t)` for every set field `t` (context parallelism runs a mixer again on a part
-        of its tokens: it hands the mixer the same part of the context, and what the run sets stays there)."""
+        """A new context holding `fn(t)` for every set per-token field `t` (context parallelism runs a mixer again
+        on a part of its tokens: it hands the mixer the same part of the context, and what the run sets stays
+        there). `cp_context` describes the whole slice, so the part's context has none."""
         return MixerContext(**{k: fn(v) for k, v in self.tensors().items()})
 
 
@@ -95,6 +106,10 @@ class Mixer(nn.Module):
     # num_heads) of the layer on each rank, so constants made from a head's index (RetNet's and lightning
     # attention's decays) read it
     head_offset: int = 0
+    # the output norm, when the mixer has one that tensor parallelism must know: its attribute name and how many
+    # channels of the output projection's input it normalises together (one head, a group of heads, all heads)
+    out_norm_name: str | None = None
+    out_norm_dim: int = 0
 
     def forward(
         self,
@@ -123,6 +138,12 @@ class Mixer(nn.Module):
     def state_spec(self) -> dict[str, StateSpec]:
         """The keys of this mixer's state and the shape of one row of each."""
         raise NotImplementedError
+
+    def fla_cp_ops(self) -> tuple[str, ...]:
+        """The public ops (`linear_moe.ops` names) through which every carry of this mixer's state runs and to which
+        `mix` hands `context.cp_context` (fla's context parallelism); () when some carry does not (the default:
+        such a mixer runs cp through parallel/cp.py's own state exchange)."""
+        return ()
 
     def init_state(
         self,

@@ -10,7 +10,7 @@ from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
 from linear_moe.mixers._parts import GatedOutput, Projections
-from linear_moe.mixers.base import MixerContext, MixerState, StateSpec, Tensor
+from linear_moe.mixers.base import FLA_CP_MAX_HEAD_DIM, MixerContext, MixerState, StateSpec, Tensor
 
 GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
@@ -87,8 +87,14 @@ class GatedDeltaNet(Projections, GatedOutput):
         spec = {"recurrent": StateSpec((self.num_v_heads, self.head_k_dim, self.head_v_dim), kind="matrix")}
         return {**spec, **self.conv_spec()}
 
+    def fla_cp_ops(self) -> tuple[str, ...]:
+        if self.head_k_dim > FLA_CP_MAX_HEAD_DIM:
+            return ()
+        return ("chunk_gated_delta_rule", *(("causal_conv1d",) if self.use_short_conv else ()))
+
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
-        (q, k, v), new_state = self.project(x, state, cu_seqlens, keep)
+        cp_context = None if ctx is None else ctx.cp_context
+        (q, k, v), new_state = self.project(x, state, cu_seqlens, keep, cp_context)
         if not self.use_short_conv:  # the convolutions apply silu themselves
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         # q, k are l2-normalised inside the op (fla's kernel does it in registers: no fp32 copies under autocast)
@@ -111,6 +117,7 @@ class GatedDeltaNet(Projections, GatedOutput):
             output_final_state=keep,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
+            cp_context=cp_context,
         )
         return self.output(o_BTHV, x), {"recurrent": s_BHKV, **new_state}
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.mixers import _recurrent as rec
-from linear_moe.mixers.base import Mixer, MixerContext, MixerState, StateSpec, Tensor
+from linear_moe.mixers.base import FLA_CP_MAX_HEAD_DIM, Mixer, MixerContext, MixerState, StateSpec, Tensor
 from linear_moe.mixers.low_rank import LowRankProjection
-from linear_moe.mixers.token_shift import token_shift
+from linear_moe.ops.token_shift import token_shift
 
 LOG_DECAY_MIN = -math.exp(-0.5)  # w_t = exp(-e^-0.5 sigmoid(.)) in (0.545, 1): log decay in (-0.6065, 0)
 
@@ -130,10 +130,14 @@ class RWKV7Attention(Mixer):
             "shift": StateSpec((self.hidden_size,), None, "window", 1),
         }
 
+    def fla_cp_ops(self) -> tuple[str, ...]:
+        return ("chunk_rwkv7", "token_shift") if self.head_dim <= FLA_CP_MAX_HEAD_DIM else ()
+
     def mix(self, x: Tensor, state: MixerState | None, cu_seqlens: Tensor | None, keep: bool, ctx: MixerContext | None):
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
-        delta, shift_ND = token_shift(x, None if state is None else state["shift"], cu_seqlens)
+        cp_context = None if ctx is None else ctx.cp_context
+        delta, shift_ND = token_shift(x, None if state is None else state["shift"], cu_seqlens, cp_context=cp_context)
         xr, xw, xk, xv, xa, xg = (
             torch.addcmul(x, delta, mu) for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         )
@@ -165,6 +169,7 @@ class RWKV7Attention(Mixer):
             initial_state=None if state is None else state["recurrent"],
             output_final_state=keep,
             cu_seqlens=cu_seqlens,
+            cp_context=cp_context,
             **tuning,
         )
         o = self.g_norm(o_BTHV.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)
