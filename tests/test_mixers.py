@@ -29,6 +29,7 @@ VARIANTS = {
     "based+conv": ("based", dict(use_short_conv=True, feature_dim=4)),
     "attention+gqa+qknorm": ("attention", dict(num_kv_heads=1, qk_norm=True, rotary_dim=8)),
     "gated_deltanet+gva": ("gated_deltanet", dict(num_v_heads=4, expand_v=1.0)),
+    "mamba2+groups": ("mamba2", dict(n_groups=2, state_size=8, norm_before_gate=True, use_bias=True)),
 }
 CASES = [pytest.param(n, {}, id=n) for n in NAMES] + [pytest.param(n, o, id=i) for i, (n, o) in VARIANTS.items()]
 ATOL, RTOL = 1e-9, 1e-7

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from linear_moe.mixers import build_mixer
 from linear_moe.mixers.hgrn import bounded_log_forget
+from linear_moe.mixers.mamba2 import fused_state_dict, split_state_dict
 from linear_moe.mixers.token_shift import token_shift
 
 D, H, T = 16, 2, 70  # T > 64: the chunked ops cross chunk boundaries
@@ -104,8 +105,11 @@ def test_mamba2_equals_ssd_recurrence(norm_before_gate):
     m = build("mamba2", state_size=N, n_groups=G, expand=2, norm_before_gate=norm_before_gate, D_has_hdim=True)
     x = torch.randn(2, T, D)
     I, nh, P = m.intermediate_size, m.num_heads, m.head_dim
-    z, xbc, dt = m.in_proj(x).split([I, I + 2 * G * N, nh], -1)
-    xs, b, c = m.conv1d(xbc)[0].split([I, G * N, G * N], -1)
+    fused = fused_state_dict(m.state_dict())  # fla's / mamba-ssm's layout: one in_proj, one conv1d [C, 1, W]
+    z, xbc, dt = F.linear(x, fused["in_proj.weight"]).split([I, I + 2 * G * N, nh], -1)
+    w = fused["conv1d.weight"]
+    xbc = F.conv1d(F.pad(xbc.mT, (w.shape[-1] - 1, 0)), w, fused["conv1d.bias"], groups=w.shape[0])
+    xs, b, c = F.silu(xbc).mT.split([I, G * N, G * N], -1)
     xs, b, c = heads(xs, P), heads(b, N), heads(c, N)
     dt = F.softplus(dt + m.dt_bias)
     A = -m.A_log.exp()
@@ -127,6 +131,26 @@ def test_mamba2_equals_ssd_recurrence(norm_before_gate):
     else:
         y = rms(heads(y * F.silu(z), gs), None, 1e-5).flatten(-2) * w
     torch.testing.assert_close(m(x)[0], m.out_proj(y), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_mamba2_fused_layout_round_trips(use_bias):
+    """fla's / mamba-ssm's fused Mamba2 weights load into our separate projections and convolutions (a model's
+    state dict, under its prefix) and convert back exactly; a fused conv weight may also come as [C, W]."""
+    N, G = 4, 2
+    m = build("mamba2", state_size=N, n_groups=G, use_bias=use_bias)
+    ours = {f"layers.3.mixer.{k}": v for k, v in m.state_dict().items()}
+    fused = fused_state_dict(ours, "layers.3.mixer.")
+    I, C = m.intermediate_size, m.intermediate_size + 2 * G * N
+    assert fused["layers.3.mixer.in_proj.weight"].shape == (I + C + H, D)
+    assert fused["layers.3.mixer.conv1d.weight"].shape == (C, 1, 4)
+    assert ("layers.3.mixer.in_proj.bias" in fused) == use_bias
+    assert not any("z_proj" in k or "x_conv1d" in k for k in fused)
+    for conv in (fused["layers.3.mixer.conv1d.weight"], fused["layers.3.mixer.conv1d.weight"][:, 0]):
+        back = split_state_dict({**fused, "layers.3.mixer.conv1d.weight": conv}, "layers.3.mixer.")
+        assert back.keys() == ours.keys()
+        for k, v in ours.items():
+            assert torch.equal(back[k], v), k
 
 
 def test_rwkv6_equals_finch_recurrence():

@@ -1,5 +1,6 @@
 """Parity of our recurrent mixers with fla 0.6.0's layers of the same method: same weights (copied by name,
-reshaped where fla's Conv1d keeps a singleton dim), same input -> same output, on CUDA."""
+reshaped where fla's Conv1d keeps a singleton dim; Mamba2's through `fused_state_dict`), same input -> same output,
+on CUDA."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from linear_moe.mixers import build_mixer
+from linear_moe.mixers.mamba2 import fused_state_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,6 +22,9 @@ CASES = {  # name: (fla module, class, fla kwargs, our kwargs)
     "hgrn": ("hgrn", "HGRNAttention", {}, {}),
     "hgrn2": ("hgrn2", "HGRN2Attention", dict(num_heads=H, expand_ratio=D // H), {}),
 }
+# our weights -> fla's names and layout (Mamba2: separate z/x/B/C/dt projections and x/B/C convs -> fused in_proj,
+# conv1d); the others share fla's names
+ADAPTERS = {"mamba2": fused_state_dict}
 # fla's chunk_delta_rule rejects float32 ("does not support float32. Please use bfloat16."): compare in bf16
 BF16_ONLY = {"deltanet": torch.bfloat16}
 
@@ -49,9 +54,9 @@ def compare_with_fla(name, module, cls, fla_kwargs, ours_kwargs):
             p.add_(0.1 * torch.randn_like(p))
     ref = getattr(fla_layers, cls)(hidden_size=D, layer_idx=0, **fla_kwargs).cuda()
     ref_params = dict(ref.named_parameters())
-    ours_params = dict(ours.named_parameters())
-    assert set(ours_params) <= set(ref_params), f"names fla lacks: {set(ours_params) - set(ref_params)}"
     with torch.no_grad():
+        ours_params = ADAPTERS.get(name, dict)(dict(ours.named_parameters()))
+        assert set(ours_params) <= set(ref_params), f"names fla lacks: {set(ours_params) - set(ref_params)}"
         for k, p in ours_params.items():
             ref_params[k].copy_(p.reshape(ref_params[k].shape))
     dtype = BF16_ONLY.get(name, torch.float32)

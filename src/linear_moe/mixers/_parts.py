@@ -48,8 +48,11 @@ class Projections(Mixer):
     def conv_spec(self) -> dict[str, StateSpec]:
         if not self.use_short_conv:
             return {}
-        held = {n: getattr(self, f"{n}_conv1d").kernel_size - 1 for n in self.proj_dims}  # the last W-1 inputs
-        return {f"conv_{n}": StateSpec((dim, held[n]), None, "window", held[n]) for n, dim in self.proj_dims.items()}
+        convs = {n: getattr(self, f"{n}_conv1d") for n in self.proj_dims}  # each holds its last W-1 inputs
+        return {
+            f"conv_{n}": StateSpec((c.dim, c.kernel_size - 1), None, "window", c.kernel_size - 1)
+            for n, c in convs.items()
+        }
 
     def project(
         self,
