@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..parallel.strided import for_dcp, from_dcp
+
 CKPT_DIRNAME = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
@@ -288,7 +290,8 @@ def save_checkpoint(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp), no_dist=_no_dist())
+        state = for_dcp({"model": model_sd, "optimizer": optim_sd})  # strided shards as plain column blocks
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
     torch.save(capture_rng(), tmp / f"rng-rank{_rank()}.pt")
     if _no_dist() is False:
         dist.barrier()
@@ -354,13 +357,16 @@ def load_checkpoint(
     path = Path(path)
     meta = verify_checkpoint(path)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        _dcp_load(state, path)
-        set_model_state_dict(model, state["model"])
+        like = {"model": get_model_state_dict(model)}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        _dcp_load(state, path)
+        like = {"model": model_sd, "optimizer": optim_sd}
+    state = for_dcp(like)  # loaded as written (strided shards as plain column blocks), then placed back
+    _dcp_load(state, path)
+    state = from_dcp(state, like)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if restore_rng_state:
         rng_file = path / f"rng-rank{_rank()}.pt"
