@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..config import ConfigError
 
 PPSchedule = Literal["1F1B", "Interleaved1F1B", "GPipe"]  # the schedules parallel/pp.py builds
+CPBackend = Literal["auto", "fla", "own"]  # how cp carries the linear mixers' states (parallel/cp.py)
+CP_BACKENDS = get_args(CPBackend)
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")  # the dimensions whose product is the world size
 
 
@@ -31,6 +33,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: heads / FFN columns split over ranks (sequence-parallel norms)
     ep: int = 1  # expert parallel: each MoE layer's experts split over ranks taken from dp_shard * cp
     cp: int = 1  # context parallel: the sequence split over ranks (LASP-2 state exchange)
+    cp_backend: CPBackend = "auto"  # fla: fla.ops.cp in fla's kernels; own: our exchange; auto: fla where it runs
     pp: int = 1  # pipeline stages (contiguous slices of layers)
     pp_schedule: PPSchedule = "1F1B"  # torch.distributed.pipelining schedule
     pp_microbatches: int = 0  # micro-batches per pipeline step (0 = one per stage)
@@ -77,6 +80,8 @@ def check_layout(
         value = getattr(cfg, name)
         if value < (0 if name == "pp_microbatches" else 1) and not (name == "dp_shard" and value == -1):
             raise ConfigError(f"parallel.{name} must be at least 1 (dp_shard: or -1 for the rest), got {value}")
+    if cfg.cp_backend not in CP_BACKENDS:
+        raise ConfigError(f"parallel.cp_backend must be one of {', '.join(CP_BACKENDS)}, got {cfg.cp_backend!r}")
     cfg = cfg.resolved(world_size)
     if cfg.world_size != world_size:
         product = "*".join(str(getattr(cfg, d)) for d in DIMS)

@@ -28,10 +28,19 @@ later layer gets the same tokens of it.
 Gradients flow through the all-gathers (functional collectives), so each rank's loss share backpropagates into the
 slices of the earlier ranks; the trainer sums gradients over the `dp_cp` ranks as for data parallelism.
 
-Applied from outside the layers: `apply_cp(model, mesh)` wraps each mixer's `forward`; `shard_batch` cuts a batch
-into this rank's slice; the slice's layout travels on its local `cu_seqlens` tensor (attribute `cp_layout`), so the
-wrappers need no per-step state (an unpacked batch of whole rows needs no layout). fla's own context parallelism
-(`fla.ops.cp`) needs the mixers to hand a `cp_context` to their kernels: see docs/parallel.md.
+Two backends (`parallel.cp_backend`). "own" is the exchange above, for every mixer. "fla" runs a mixer that
+declares `fla_cp_ops()` (gated_deltanet, rwkv7) once on its slice with fla's `FLACPContext` in the MixerContext
+(`fla.ops.cp`, fla 0.6.0): fla's kernels compute each rank's transition in the chunked forward itself, all-gather
+one [H, K, V + K] tensor per layer, fold it, and send the previous rank's last W-1 inputs to the short convs and
+the token shift; the backward runs the same in reverse. No probe runs, no halo run. It needs CUDA with fla, and
+one packed row split the way fla splits it (B == 1 with cu_seqlens, rank j holding tokens [j L, (j + 1) L) with
+L = total // cp: `fla_split_mismatch`). "auto" (the default) takes fla's path wherever those hold and ours
+elsewhere (other mixers, CPU, unpacked rows); "fla" raises where they do not hold.
+
+Applied from outside the layers: `apply_cp(model, mesh, backend)` wraps each mixer's `forward`; `shard_batch` cuts
+a batch into this rank's slice; the slice's layout travels on its local `cu_seqlens` tensor (attribute
+`cp_layout`, and `fla_cp`: fla's context for the step, built by the first layer that needs it), so the wrappers
+need no per-step state (an unpacked batch of whole rows needs no layout).
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ from torch.distributed.tensor import DTensor
 
 from ..mixers.attention import Attention
 from ..mixers.base import STATE_KINDS, MixerContext, MixerState, StateSpec
+from ..ops._dispatch import use_fla
 from .checkpointing import transformer_blocks
+from .config import CP_BACKENDS
 
 LINEAR_KINDS = ("matrix", "diagonal")  # states that evolve affinely in their initial value (mixers/base.py)
 
@@ -62,7 +73,7 @@ class CPLayout:
     inside the slice (after its first token); `first_offset[j]` the position of its first token in its document;
     `last_offset[j]` / `last_len[j]` the position in its document of the first token of its last document, and how
     many tokens of that document the slice holds. `rows`: sequences crossing the boundaries together (1 for a
-    packed batch, B for an unpacked [B, T] batch)."""
+    packed batch, B for an unpacked [B, T] batch). `cu_seqlens`: the global document offsets (None: whole rows)."""
 
     rank: int
     size: int
@@ -73,6 +84,12 @@ class CPLayout:
     first_offset: list[int]
     last_offset: list[int]
     last_len: list[int]
+    cu_seqlens: list[int] | None = None
+
+    def local_offsets(self) -> list[int]:
+        """This rank's document offsets within its slice (`[0, T_local]` for whole rows)."""
+        a, b = self.rank * self.local_len, (self.rank + 1) * self.local_len
+        return [0, *(c - a for c in self.cu_seqlens or () if a < c < b), b - a]
 
     def chain(self, r: int) -> list[int]:
         """The earlier ranks whose last document continues into rank r's first token, in order."""
@@ -101,14 +118,30 @@ def cp_layout(cu_seqlens: list[int] | None, total_len: int, rows: int, rank: int
         first.append(a - doc_a)
         last_off.append(max(0, a - doc_last))
         last_len.append(b - max(a, doc_last))
-    return CPLayout(rank, size, rows, T, cont, single, first, last_off, last_len)
+    return CPLayout(rank, size, rows, T, cont, single, first, last_off, last_len, cu_seqlens)
+
+
+def fla_split_mismatch(lay: CPLayout) -> str:
+    """Why fla's context parallelism would not split this batch as we do ('' when it does). fla
+    (`fla.ops.cp.build_cp_context`, contiguous layout) needs one packed row (B == 1 with cu_seqlens) and gives rank j
+    the tokens [j L, (j + 1) L) with L = cu_seqlens[-1] // world_size, its local offsets the global ones clamped
+    to the slice with repeats removed: ours for a row of cp * local_len tokens without empty documents."""
+    if lay.cu_seqlens is None or lay.rows != 1:
+        return "fla's context parallelism needs one packed row (batch size 1 with cu_seqlens)"
+    cu = lay.cu_seqlens
+    if cu[0] != 0 or cu[-1] != lay.size * lay.local_len:
+        return f"the offsets run from {cu[0]} to {cu[-1]}, not over the {lay.size * lay.local_len} tokens split"
+    if any(b <= a for a, b in zip(cu, cu[1:], strict=False)):
+        return "the batch has empty documents (fla's split drops their repeated offsets)"
+    return ""
 
 
 class ContextParallel:
-    """The process group of the `cp` dimension."""
+    """The process group of the `cp` dimension, the backend (`CP_BACKENDS`) and the short-conv kernel size fla's
+    context records (the widest of the fla-path mixers' windows + 1; None without windows)."""
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup, backend: str = "auto", conv_size: int | None = None):
+        self.group, self.backend, self.conv_size = group, backend, conv_size
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,20 +166,50 @@ def shard_batch(
     a, b = cp.rank * layout.local_len, (cp.rank + 1) * layout.local_len
     local_cu = None
     if cu is not None:
-        inner = [c - a for c in cu if a < c < b]
-        local_cu = torch.tensor([0, *inner, b - a], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        local_cu = torch.tensor(layout.local_offsets(), dtype=cu_seqlens.dtype, device=cu_seqlens.device)
         local_cu.cp_layout = layout
     return input_ids[:, a:b], None if labels is None else labels[:, a:b], local_cu
 
 
-def apply_cp(model: nn.Module, mesh) -> None:
+def apply_cp(model: nn.Module, mesh, backend: str = "auto") -> None:
     """Make every mixer of `model` context parallel over the mesh's "cp" dimension (in place; parameter names are
-    unchanged). Batches then go through `shard_batch` first."""
-    cp = ContextParallel(mesh["cp"].get_group())
+    unchanged) with `backend` ("auto", "fla", "own": module docstring). Batches then go through `shard_batch`
+    first."""
+    mixers = [block.mixer for block in transformer_blocks(model)]
+    for mixer in mixers:
+        check_supported(mixer)
+    check_backend(backend, mixers, next(model.parameters()).device)
+    windows = [s.window for m in mixers if fla_capable(m) for s in _keys(m.state_spec(), "window").values()]
+    cp = ContextParallel(mesh["cp"].get_group(), backend, max(windows) + 1 if windows else None)
     model.context_parallel = cp
     for block in transformer_blocks(model):
-        check_supported(block.mixer)
         block.mixer.forward = functools.partial(_cp_forward, block.mixer, block.mixer.forward, cp)
+
+
+def fla_capable(mixer: nn.Module) -> bool:
+    """The mixer runs under fla's context parallelism (declares `fla_cp_ops()`; softmax attention never does)."""
+    return not isinstance(mixer, Attention) and bool(mixer.fla_cp_ops())
+
+
+def check_backend(backend: str, mixers: list[nn.Module], device: torch.device) -> None:
+    """One-line error for an unknown backend, and for "fla" where fla's kernels cannot run: off CUDA or without
+    fla, or a linear mixer that declares no `fla_cp_ops()`."""
+    if backend not in CP_BACKENDS:
+        raise ValueError(f"context parallel: unknown backend {backend!r}; parallel.cp_backend is one of {CP_BACKENDS}")
+    if backend != "fla":
+        return
+    fix = "use parallel.cp_backend=auto (our state exchange where fla's cannot run) or own"
+    if not use_fla(torch.empty(0, device=device)):
+        raise ValueError(
+            f"context parallel: parallel.cp_backend=fla runs fla's CUDA kernels (flash-linear-attention installed, "
+            f"LINEAR_MOE_KERNELS not torch), but the model is on {device}; {fix}"
+        )
+    others = sorted({type(m).__name__ for m in mixers if not isinstance(m, Attention) and not fla_capable(m)})
+    if others:
+        raise ValueError(
+            f"context parallel: parallel.cp_backend=fla: {', '.join(others)} declares no ops that take fla's "
+            f"cp_context (Mixer.fla_cp_ops: gated_deltanet, rwkv7 do); {fix}"
+        )
 
 
 def check_supported(mixer: nn.Module) -> None:
@@ -199,7 +262,71 @@ def _cp_forward(
     if isinstance(mixer, Attention):
         run = functools.partial(forward, context=context)
         return _attention_forward(mixer, run, cp, lay, x, cu_seqlens), None
+    if cp.backend != "own":
+        fla_context, why = fla_route(mixer, cp, lay, x, cu_seqlens)
+        if fla_context is not None:
+            return _fla_forward(forward, fla_context, x, cu_seqlens, context), None
+        if cp.backend == "fla":
+            raise ValueError(
+                f"context parallel: parallel.cp_backend=fla cannot run {type(mixer).__name__} here: {why}; use "
+                "parallel.cp_backend=auto (our state exchange where fla's cannot run) or own"
+            )
     return _linear_forward(mixer, forward, cp, lay, x, cu_seqlens, context), None
+
+
+def fla_route(
+    mixer: nn.Module, cp: ContextParallel, lay: CPLayout, x: torch.Tensor, cu_seqlens: torch.Tensor | None
+) -> tuple[object | None, str]:
+    """(fla's FLACPContext for this call, "") when the mixer can run this slice with fla's context parallelism,
+    else (None, why not). The context is built once per step and kept on the local `cu_seqlens`. Every input of
+    the decision is the same on every rank (the global layout), so all ranks take the same path: fla's collectives
+    and ours never meet."""
+    if not fla_capable(mixer):
+        return None, f"{type(mixer).__name__} declares no ops that take fla's cp_context (Mixer.fla_cp_ops)"
+    if isinstance(x, DTensor):
+        return None, "a tensor-parallel mixer's input (DTensor) does not go to fla's context parallelism"
+    if not use_fla(x):
+        return None, f"fla's kernels run on CUDA with fla installed (LINEAR_MOE_KERNELS not torch), got {x.device}"
+    why = fla_split_mismatch(lay)
+    if why:
+        return None, why
+    _check_windows(mixer, lay)
+    if not hasattr(cu_seqlens, "fla_cp"):
+        cu_seqlens.fla_cp = _fla_context(cp, lay, x.device)
+    return cu_seqlens.fla_cp, ""
+
+
+def _fla_context(cp: ContextParallel, lay: CPLayout, device: torch.device):
+    """fla's context of this step's split (fla.ops.cp.build_cp_context on the global offsets and the cp group),
+    checked against our layout: its local offsets and the tokens of the first document before the slice. A
+    difference is a bug of `fla_split_mismatch` (an error, not a fallback: this rank alone would leave fla's
+    collectives)."""
+    from fla.ops.cp import build_cp_context
+
+    cu_cpu = torch.tensor(lay.cu_seqlens, dtype=torch.long)
+    ctx = build_cp_context(cu_cpu.to(device), cp.group, conv1d_kernel_size=cp.conv_size, cu_seqlens_cpu=cu_cpu)
+    ours = (lay.local_offsets(), lay.first_offset[lay.rank])
+    theirs = (ctx.cu_seqlens_cpu.tolist(), ctx.pre_num_conv_tokens)
+    if theirs != ours:
+        raise RuntimeError(
+            f"context parallel: fla splits this batch unlike cp_layout (rank {lay.rank}: local offsets and tokens "
+            f"before {theirs}, ours {ours}); use parallel.cp_backend=own and report it"
+        )
+    return ctx
+
+
+def _fla_forward(
+    forward, fla_context, x: torch.Tensor, cu_seqlens: torch.Tensor, context: MixerContext | None
+) -> torch.Tensor:
+    """The mixer once on this rank's slice, from no state, its ops carrying every state across the ranks in fla's
+    kernels (`context.cp_context`). The per-token context (v_first) is the slice's own, as on our path."""
+    context = MixerContext() if context is None else context
+    context.cp_context = fla_context
+    try:
+        y, _ = forward(x, None, cu_seqlens, False, context)
+    finally:
+        context.cp_context = None
+    return y
 
 
 def _rows_state(carried: dict[str, torch.Tensor], zero: MixerState, packed: bool) -> dict[str, torch.Tensor]:
@@ -214,16 +341,11 @@ def _window_carry(mixer: nn.Module, forward, cp: ContextParallel, lay: CPLayout,
     """The "window" states (short-convolution inputs, token shift) at this rank's first token: the mixer run on the
     previous rank's last inputs of the same document (zeros where the document starts here). {} for a mixer
     without such states. A window state is a function of the inputs alone, so the run needs no MixerContext."""
-    windows = {k: s.window for k, s in _keys(mixer.state_spec(), "window").items()}
+    windows = _check_windows(mixer, lay)
     if not windows:
         return {}
     r = cp.rank
     w = max(windows.values())
-    if lay.local_len < w:
-        raise ValueError(
-            f"context parallel: each rank needs at least {w} tokens for {type(mixer).__name__}'s states "
-            f"{sorted(windows)}, got {lay.local_len}"
-        )
     tails = cp.gather(x[:, x.shape[1] - w :])  # [cp, R, w, D]
     # Every rank keeps the gathered tensor in its graph (times 0 where nothing is carried), so that every rank
     # joins the gather's backward collective.
@@ -231,6 +353,18 @@ def _window_carry(mixer: nn.Module, forward, cp: ContextParallel, lay: CPLayout,
     h = min(w, lay.last_len[r - 1]) if live else 1
     _, st = forward(tails[r - 1 if live else 0, :, w - h :], use_cache=True, context=None)
     return {k: st[k] if live else st[k] * 0 for k in windows}
+
+
+def _check_windows(mixer: nn.Module, lay: CPLayout) -> dict[str, int]:
+    """The mixer's "window" states and their windows; one-line error when a rank holds fewer tokens than one."""
+    windows = {k: s.window for k, s in _keys(mixer.state_spec(), "window").items()}
+    w = max(windows.values(), default=0)
+    if lay.local_len < w:
+        raise ValueError(
+            f"context parallel: each rank needs at least {w} tokens for {type(mixer).__name__}'s states "
+            f"{sorted(windows)}, got {lay.local_len}"
+        )
+    return windows
 
 
 def _probes(s: StateSpec) -> int:

@@ -53,7 +53,7 @@ def parallelize(
     if mesh is not None and cfg.cp > 1:
         from .cp import apply_cp
 
-        apply_cp(model, mesh)
+        apply_cp(model, mesh, cfg.cp_backend)
     apply_step_options(model, options or StepOptions())
     if mesh is not None:
         from .fsdp import apply_fsdp
