@@ -6,19 +6,35 @@ whole heads. Every parameter of the mixer becomes a DTensor placed by the mixer'
 mixer class), and the mixer runs on the local parts:
 
 - split with the heads (`Shard(0)`): the per-head projections (column-parallel q, k, v, output and forget gates,
-  beta, the up half of a low-rank gate), per-head and per-channel parameters (GDN's `A_log` / `dt_bias`, RWKV's
-  `bonus`, `k_k`, `r_k`, HGRN's forget-gate floor); depthwise short convolutions and per-head GroupNorms follow
-  their channels, found by type;
+  beta, the up half of a low-rank gate, Mamba2's z, x and dt), per-head and per-channel parameters (GDN's and
+  Mamba2's `A_log` / `dt_bias`, Mamba2's `D`, RWKV's `bonus`, `k_k`, `r_k`, HGRN's forget-gate floor); depthwise
+  short convolutions and per-head GroupNorms follow their channels, found by type;
 - shared (`Replicate`): weights that every rank applies to its own heads (per-head RMSNorms, feature maps) or to
   the whole input (GLA's and RWKV's low-rank down projections, RWKV's token-shift lerps); a rank's gradient is its
   heads' share, summed over the ranks in backward;
+- split with the groups or shared (`MixerPlan.groups`): weights of groups of consecutive heads, Mamba2's B and C
+  projections and convolutions (head h reads group h // (H/G)): split when tp divides the G groups (a rank's heads
+  read only its own G/tp groups), else shared (each rank computes all G and its heads pick theirs from
+  `head_offset`), as any shared weight;
 - `o_proj` is row-parallel with a reduce-scatter back to the sequence split; the input's gradient (each rank's
   share, like the shared weights') is reduce-scattered once.
 
-An output norm over all heads (lightning attention's MiniMax-01 norm, HGRN, HGRN2) keeps its weight split with the
-channels and sums the mean square over the ranks (one `[B, T, 1]` all-reduce per layer). The mixer's head counts
-(`MixerPlan.sizes`) are set to the local counts after sharding (as torchtitan does) and `head_offset` to the rank's
-first head, so per-head constants made from the head index (RetNet's and lightning attention's decays) follow.
+An output norm with groups that span ranks (`Mixer.out_norm_dim` channels normalised together: one group of all
+heads in lightning attention's MiniMax-01 norm, HGRN, HGRN2; Mamba2's n_groups groups when tp does not divide them)
+keeps its weight split with the channels and sums each group's mean square over the ranks holding a piece of it:
+each rank puts the sums of squares of its pieces in their groups' slots of one `[B, T, groups]` all-reduce per
+layer. The mixer's head counts (`MixerPlan.sizes`) are set to the local counts after sharding (as torchtitan does)
+and `head_offset` to the rank's first head, so per-head constants made from the head index (RetNet's and lightning
+attention's decays, Mamba2's B/C group of each head) follow.
+
+Mamba2 splits like the others because of how its parameters are laid out. fla's and mamba-ssm's fused `in_proj`
+([z, x, B, C, dt] rows) and `conv1d` ([x, B, C] channels) would put one rank's heads in several row blocks of one
+weight, which no DTensor `Shard` describes: re-laying the rows per rank (as Megatron does) makes a parameter's
+global layout depend on tp, so DCP checkpoints no longer move between layouts; and with n_groups < tp the B/C rows
+must be shared while the rest is split, which one tensor cannot be. Our Mamba2 holds separate z/x/B/C/dt
+projections and x/B/C convolutions instead (the same function: a depthwise convolution splits by channel;
+`mixers/mamba2.py` converts to and from the fused layout), so every parameter has one name and one global shape
+under every tp.
 
 Dense SwiGLU FFNs are column- then row-parallel the same way. MoE layers are not split by tp: each rank runs the
 layer on the whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split the
@@ -28,8 +44,8 @@ the loss runs under `loss_parallel` (the plain cross-entropy path, never fla's f
 step must run inside `loss_context(model)`.
 
 Mixers covered: softmax attention, retnet, gla, lightning_attn, linear_attn, based, rebased, deltanet,
-gated_deltanet, hgrn, hgrn2, rwkv6, rwkv7. Refused with a one-line reason: mamba2 (`REFUSED`), and any mixer
-without a plan.
+gated_deltanet, mamba2, hgrn, hgrn2, rwkv6, rwkv7. Refused with a one-line reason: a mixer without a plan, a
+parameter its plan does not place, head or channel counts that tp does not divide.
 """
 
 from __future__ import annotations
@@ -70,6 +86,10 @@ class MixerPlan:
     shared: tuple[str, ...] = ()  # the same on every rank, gradient summed over the ranks
     sizes: tuple[str, ...] = HEAD_COUNTS  # attributes counting heads or channels: divided by tp
     out: str = "o_proj"  # the row-parallel output projection
+    # weights of groups of consecutive heads (Mamba2's B/C): split with the groups on dim 0 when tp divides the
+    # group count (each rank's heads then read its own groups), else shared (a group serves heads of several ranks)
+    groups: tuple[str, ...] = ()
+    num_groups: str = "n_groups"  # the attribute counting those groups: divided by tp when they are split
 
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -95,11 +115,13 @@ PLANS = {
         ("r_proj", "k_proj", "v_proj", "k_k", "k_a", "r_k", *(f"{n}.lora.2" for n in RWKV7_LORAS)),
         shared=("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", *(f"{n}.lora.0" for n in RWKV7_LORAS)),
     ),
-}
-REFUSED = {  # mixer class -> why tp cannot split it
-    "Mamba2": "in_proj fuses [z, x, B, C, dt] and conv1d [x, B, C] in one weight each, so a rank's heads are five "
-    "(three) row blocks of it that no DTensor Shard describes without re-laying the parameter per rank (as Megatron "
-    "does, converting checkpoints between tp sizes), and with n_groups < tp the B/C groups serve heads of several ranks"
+    # x_conv1d follows its channels by type; the norm's weight is per channel ([I])
+    "Mamba2": MixerPlan(
+        ("z_proj", "x_proj", "dt_proj", "dt_bias", "A_log", "D", "norm"),
+        groups=("b_proj", "c_proj", "b_conv1d", "c_conv1d"),
+        sizes=("num_heads", "intermediate_size"),
+        out="out_proj",
+    ),
 }
 
 
@@ -107,26 +129,32 @@ def _matches(path: str, entries: tuple[str, ...]) -> bool:
     return any(path == e or path.startswith(e + ".") for e in entries)
 
 
-def _spanning_norm(mixer: nn.Module, plan: MixerPlan) -> nn.Module | None:
-    """The output norm when it normalises over all heads at once (`GatedOutput` with a norm as wide as o_proj's
-    input), else None."""
-    name = getattr(mixer, "out_norm_name", None)
-    if name is None or mixer.out_norm_dim != mixer.get_submodule(plan.out).in_features:
+def _spanning_norm(mixer: nn.Module, plan: MixerPlan, tp: int) -> nn.Module | None:
+    """The output norm (`Mixer.out_norm_name`) when one of its groups of `out_norm_dim` channels spans ranks (a norm
+    over all heads; Mamba2's with fewer groups than ranks), else None."""
+    if mixer.out_norm_name is None or (mixer.get_submodule(plan.out).in_features // tp) % mixer.out_norm_dim == 0:
         return None
-    return getattr(mixer, name)
+    return getattr(mixer, mixer.out_norm_name)
 
 
-def _placements(mixer: nn.Module, plan: MixerPlan) -> dict[str, Placement]:
-    """Every parameter of `mixer` outside its output projection -> Shard(0) (split with the heads) or Replicate
-    (shared); a one-line error for a parameter the plan does not place."""
-    span = _spanning_norm(mixer, plan)
+def _groups_split(mixer: nn.Module, plan: MixerPlan, tp: int) -> bool:
+    return bool(plan.groups) and getattr(mixer, plan.num_groups) % tp == 0
+
+
+def _placements(mixer: nn.Module, plan: MixerPlan, tp: int) -> dict[str, Placement]:
+    """Every parameter of `mixer` outside its output projection -> Shard(0) (split with the heads or groups) or
+    Replicate (shared); a one-line error for a parameter the plan does not place."""
+    span = _spanning_norm(mixer, plan, tp)
+    by_group = Shard(0) if _groups_split(mixer, plan, tp) else Replicate()
     out = {}
     for mod_name, m in mixer.named_modules():
         if _matches(mod_name, (plan.out,)):
             continue
         for p_name, _ in m.named_parameters(recurse=False):
             path = f"{mod_name}.{p_name}" if mod_name else p_name
-            if _matches(path, plan.heads) or m is span or isinstance(m, (ShortConvolution, nn.GroupNorm)):
+            if _matches(path, plan.groups):
+                out[path] = by_group
+            elif _matches(path, plan.heads) or m is span or isinstance(m, (ShortConvolution, nn.GroupNorm)):
                 out[path] = Shard(0)
             elif _matches(path, plan.shared) or isinstance(m, RMSNorm):  # RMSNorm: per head (span is over all)
                 out[path] = Replicate()
@@ -140,8 +168,6 @@ def _placements(mixer: nn.Module, plan: MixerPlan) -> dict[str, Placement]:
 
 def _check_mixer(mixer: nn.Module, tp: int, where: str) -> tuple[MixerPlan, dict[str, Placement]]:
     name = type(mixer).__name__
-    if name in REFUSED:
-        raise ValueError(f"tensor parallel: {where} mixer {name} is not supported: {REFUSED[name]}; use parallel.tp=1")
     if name not in PLANS:
         raise ValueError(
             f"tensor parallel: {where} mixer {name} has no tp plan (covered: {', '.join(sorted(PLANS))}); "
@@ -151,7 +177,7 @@ def _check_mixer(mixer: nn.Module, tp: int, where: str) -> tuple[MixerPlan, dict
     for attr in plan.sizes:
         if getattr(mixer, attr, 0) % tp:
             raise ValueError(f"tensor parallel: {where} {attr}={getattr(mixer, attr)} is not divisible by tp={tp}")
-    return plan, _placements(mixer, plan)
+    return plan, _placements(mixer, plan, tp)
 
 
 def check_tp(model: nn.Module, tp: int) -> None:
@@ -228,15 +254,31 @@ def localize(module: nn.Module, placements: dict[str, Placement], mesh: DeviceMe
     module.forward = local_forward
 
 
-def _spanning_rms_norm(norm: nn.Module, group: dist.ProcessGroup, tp: int):
-    """The forward of an RMSNorm (or GatedRMSNorm) over all heads, run on this rank's channels: the mean square is
-    summed over the ranks; the rest is `RMSNorm` / `rms_norm_gated_torch` on the local channels."""
+def _norm_pieces(start: int, width: int, group: int) -> tuple[int, list[int]]:
+    """Channels [start, start + width) cut where a norm group of `group` channels ends: (the first piece's group,
+    the pieces' widths)."""
+    widths, c = [], start
+    while c < start + width:
+        end = min((c // group + 1) * group, start + width)
+        widths.append(end - c)
+        c = end
+    return start // group, widths
+
+
+def _spanning_rms_norm(norm: nn.Module, group: dist.ProcessGroup, rank: int, width: int, norm_dim: int, groups: int):
+    """The forward of an RMSNorm (or GatedRMSNorm, gate after the norm) over groups of `norm_dim` channels of which
+    some span ranks (one group of all heads; Mamba2's n_groups < tp), run on this rank's `width` channels: each
+    piece of the local channels in one group adds its sum of squares to that group's slot of a `[B, T, groups]`
+    all-reduce; the rest is `RMSNorm` / `rms_norm_gated_torch` on the local channels."""
+    first, widths = _norm_pieces(rank * width, width, norm_dim)
 
     def forward(x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
-        x_acc = x.to(acc)
-        ms = _AllReduceShares.apply(x_acc.square().sum(-1, keepdim=True), group) / (x.shape[-1] * tp)
-        y = x_acc * torch.rsqrt(ms + norm.eps)
+        pieces = x.to(acc).split(widths, -1)
+        ss_BTg = torch.cat([p.square().sum(-1, keepdim=True) for p in pieces], -1)
+        ss_BTG = F.pad(ss_BTg, (first, groups - first - len(widths)))  # zero for the groups other ranks hold
+        ms_BTg = _AllReduceShares.apply(ss_BTG, group)[..., first : first + len(widths)] / norm_dim
+        y = torch.cat([p * torch.rsqrt(ms_BTg[..., i : i + 1] + norm.eps) for i, p in enumerate(pieces)], -1)
         if norm.weight is not None:
             y = y * norm.weight.to(acc)
         if g is not None:
@@ -264,17 +306,21 @@ def _shard_moe_output(mesh: DeviceMesh, module, args, output):
 
 
 def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
-    tp = mesh.size()
+    tp, rank = mesh.size(), mesh.get_local_rank()
     plan, placements = _check_mixer(mixer, tp, f"layer {mixer.layer_idx}")
-    span = _spanning_norm(mixer, plan)
+    span = _spanning_norm(mixer, plan, tp)
+    channels = mixer.get_submodule(plan.out).in_features
     parallelize_module(mixer, mesh, {plan.out: RowwiseParallel(output_layouts=Shard(1))})
     mixer.register_forward_pre_hook(functools.partial(_gather_input, mesh, Partial()), with_kwargs=True)
     if span is not None:  # reads its weight at call time: the local part, under localize
-        span.forward = _spanning_rms_norm(span, mesh.get_group(), tp)
-        mixer.out_norm_dim //= tp
+        width, norm_dim = channels // tp, mixer.out_norm_dim
+        span.forward = _spanning_rms_norm(span, mesh.get_group(), rank, width, norm_dim, channels // norm_dim)
+        mixer.out_norm_dim = width  # the local channels go to the norm as one piece
+    if _groups_split(mixer, plan, tp):
+        setattr(mixer, plan.num_groups, getattr(mixer, plan.num_groups) // tp)
     localize(mixer, placements, mesh, sum_grad=True)
-    for m in mixer.modules():
-        if isinstance(m, ShortConvolution):
+    for name, m in mixer.named_modules():
+        if isinstance(m, ShortConvolution) and placements[f"{name}.weight"].is_shard():
             m.dim //= tp
         elif isinstance(m, nn.GroupNorm):  # one group per head
             m.num_groups, m.num_channels = m.num_groups // tp, m.num_channels // tp
@@ -282,9 +328,7 @@ def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
         if hasattr(mixer, attr):
             setattr(mixer, attr, getattr(mixer, attr) // tp)
     if "num_heads" in plan.sizes:
-        mixer.head_offset = mesh.get_local_rank() * mixer.num_heads
-    if hasattr(mixer, "proj_dims"):
-        mixer.proj_dims = {k: v // tp for k, v in mixer.proj_dims.items()}
+        mixer.head_offset = rank * mixer.num_heads
 
 
 def _apply_ffn(block: nn.Module, mesh: DeviceMesh, ep: int) -> None:
