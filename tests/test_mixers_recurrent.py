@@ -153,6 +153,24 @@ def test_mamba2_fused_layout_round_trips(use_bias):
             assert torch.equal(back[k], v), k
 
 
+def test_mamba2_loads_a_fused_state_dict():
+    """A model state dict in the fused layout (an older checkpoint or export, fla's weights) loads directly into
+    a model with Mamba2 layers: the same outputs as the model it came from."""
+    from linear_moe.model.lm import LinearMoEForCausalLM
+    from linear_moe.model.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("debug-dense").replace(mixer="mamba2", mixer_kwargs={"state_size": 4, "n_groups": 2})
+    src, dst = LinearMoEForCausalLM(cfg), LinearMoEForCausalLM(cfg)
+    fused = src.state_dict()
+    for i in range(cfg.num_layers):
+        fused = fused_state_dict(fused, f"layers.{i}.mixer.")
+    assert any(k.endswith("in_proj.weight") for k in fused)
+    dst.load_state_dict(fused, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    torch.testing.assert_close(dst(ids).logits, src(ids).logits, atol=0, rtol=0)
+
+
 def test_rwkv6_equals_finch_recurrence():
     m = build("rwkv6", proj_low_rank_dim=3, gate_low_rank_dim=5)
     x = torch.randn(2, T, D)

@@ -107,6 +107,16 @@ class Mamba2(Projections):
             self.out_norm_name, self.out_norm_dim = "norm", inner // n_groups
         self.out_proj = nn.Linear(inner, hidden_size, bias=use_bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict in the fused layout (checkpoints and Hugging Face exports written before the projections
+        # were split, fla's / mamba-ssm's weights) loads as if converted by `split_state_dict` first
+        if f"{prefix}in_proj.weight" in state_dict:
+            split = split_state_dict({k: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix)
+            for k in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[k]
+            state_dict.update(split)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def state_spec(self) -> dict[str, StateSpec]:
         spec = {"recurrent": StateSpec((self.num_heads, self.ssm_state_size, self.head_dim), kind="diagonal")}
         return {**spec, **self.conv_spec()}  # "recurrent" decays by exp(dt A)
