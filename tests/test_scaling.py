@@ -85,7 +85,11 @@ def count_job(dim: str) -> dict:
 
 
 CASES = {  # dim -> (model, layout, step_traffic options)
-    "tp": (dict(mixer="gated_deltanet", pattern="LN", preset="debug-qwen2-moe"), dict(tp=2, dp_shard=1), {}),
+    "tp": (
+        dict(mixer="gated_deltanet", pattern="LN", preset="debug-qwen2-moe"),
+        dict(tp=2, dp_shard=1),
+        {"param_bytes": 4},  # float32 gradients of the shared weights, all-reduced
+    ),
     "cp": (dict(mixer="gated_deltanet", pattern="LN"), dict(cp=2, dp_shard=1), {}),
     "pp": (dict(mixer="gated_deltanet", pattern="LN", layers=4), dict(pp=2, dp_shard=1), {}),
     "fsdp": (dict(mixer="gated_deltanet", pattern="LLN", layers=3), dict(dp_shard=2), {"param_bytes": 4}),

@@ -31,6 +31,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas (HSDP: parameters replicated across, sharded within)
     dp_shard: int = -1  # data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2); -1 = rest
     tp: int = 1  # tensor parallel: heads / FFN columns split over ranks (sequence-parallel norms)
+    expert_tp: bool = True  # under tp, split every expert's FFN width too (false: MoE layers replicated over tp)
     ep: int = 1  # expert parallel: each MoE layer's experts split over ranks taken from dp_shard * cp
     cp: int = 1  # context parallel: the sequence split over ranks (LASP-2 state exchange)
     cp_backend: CPBackend = "auto"  # fla: fla.ops.cp in fla's kernels; own: our exchange; auto: fla where it runs
@@ -65,9 +66,11 @@ class ParallelConfig:
         return self.dp_shard * self.cp // self.ep
 
     def describe(self) -> str:
-        """`dp_replicate=1 dp_shard=2 ep=2 (world 2)`: the dimensions above 1 (all when none is)."""
+        """`dp_replicate=1 dp_shard=2 ep=2 (world 2)`: the dimensions above 1 (all when none is), and
+        `expert_tp=false` when tp runs the MoE layers replicated."""
         dims = [d for d in (*DIMS, "ep") if getattr(self, d) != 1] or ["dp_shard"]
-        return " ".join(f"{d}={getattr(self, d)}" for d in dims) + f" (world {self.world_size})"
+        replicated = " expert_tp=false" if self.tp > 1 and not self.expert_tp else ""
+        return " ".join(f"{d}={getattr(self, d)}" for d in dims) + replicated + f" (world {self.world_size})"
 
 
 def check_layout(
@@ -103,6 +106,17 @@ def check_layout(
         raise ConfigError(f"parallel.ep={cfg.ep} needs an MoE model (model.moe is null); use parallel.ep=1")
     if moe is not None and moe.num_experts % cfg.ep:
         raise ConfigError(f"parallel.ep={cfg.ep} must divide model.moe.num_experts={moe.num_experts}")
+    if moe is not None and cfg.expert_tp:
+        widths = (
+            ("expert_ffn_hidden_size", moe.expert_ffn_hidden_size),
+            ("shared_expert_ffn_hidden_size", moe.shared_ffn_size),
+        )
+        for what, width in widths:
+            if width % cfg.tp:
+                raise ConfigError(
+                    f"parallel.tp={cfg.tp} must divide model.moe.{what}={width} (each tp rank holds a slice of "
+                    "every expert); change it or set parallel.expert_tp=false"
+                )
     if model.num_layers % cfg.pp:
         raise ConfigError(f"parallel.pp={cfg.pp} must divide model.num_layers={model.num_layers}")
     if seq_len % cfg.cp:

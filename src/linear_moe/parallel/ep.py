@@ -13,12 +13,19 @@ from .mesh import ParallelMesh
 def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
     """Split every MoE layer's routed experts over the "ep" ranks, in place: `w13` / `w2` become DTensors
     sharded on the expert dim (each rank keeps E/ep experts, from the same full initialisation), and the layer's
-    dispatcher exchanges rows with all_to_all over the ep group."""
+    dispatcher exchanges rows with all_to_all over the ep group. Under expert tensor parallelism (tp > 1 with
+    `expert_tp`) they are split over the ("ep", "tp") ranks: E/ep experts, each of width F/tp (`tp.EXPERT_TP`);
+    each tp rank exchanges rows with the ep ranks of its own tp index, which hold the same slice of the width."""
     ep_mesh = mesh["ep"]
+    split_mesh, split = ep_mesh, {"w13": [Shard(0)], "w2": [Shard(0)]}
+    if mesh.cfg.tp > 1 and mesh.cfg.expert_tp:
+        from .tp import EXPERT_TP
+
+        split_mesh, split = mesh.experts["ep", "tp"], {n: [Shard(0), p] for n, p in EXPERT_TP.items()}
     for moe in moe_layers(model):
-        for name in ("w13", "w2"):
+        for name, placements in split.items():
             weight = getattr(moe.experts, name)
-            setattr(moe.experts, name, nn.Parameter(distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])))
+            setattr(moe.experts, name, nn.Parameter(distribute_tensor(weight.detach(), split_mesh, placements)))
         cfg = moe.cfg
         moe.dispatcher = AllToAllDispatcher(cfg.num_experts, ep_mesh.get_group(), cfg.capacity_factor, cfg.drop_policy)
 

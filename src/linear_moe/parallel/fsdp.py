@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from .checkpointing import moe_layers, transformer_blocks
 
@@ -34,13 +35,13 @@ def apply_fsdp(
     model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh | None, param_dtype: torch.dtype | None
 ) -> None:
     """Shard `model` in place: the routed experts of each MoE layer over `expert_mesh` (when the experts are split
-    over ep, their DTensors keep dim 0 for ep and FSDP takes dim 1), each block over `dense_mesh`, then the root
-    (embedding, final norm, head). A 2-D mesh (dp_replicate, shard) gives HSDP."""
+    over ep, their DTensors keep dim 0 for ep and FSDP takes the next dim that tp does not split), each block over
+    `dense_mesh`, then the root (embedding, final norm, head). A 2-D mesh (dp_replicate, shard) gives HSDP."""
     mp = mixed_precision(param_dtype)
     sharded: list[FSDPModule] = []
     if expert_mesh is not None:
         for moe in moe_layers(model):
-            sharded.append(fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=_dim1))
+            sharded.append(fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=_free_dim))
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once in backward: keep them gathered
@@ -51,6 +52,8 @@ def apply_fsdp(
         _sum_gradients(module)
 
 
-def _dim1(param: nn.Parameter) -> Shard:
-    """Expert weights [E_local, ., .]: shard the second dim (the first already holds the ep split)."""
-    return Shard(1)
+def _free_dim(param: nn.Parameter) -> Shard:
+    """Expert weights [E_local, ., .]: shard the first dim that no other placement splits (dim 0 holds the ep
+    split; under expert tensor parallelism w13's dim 2 and w2's dim 1 hold the tp split): plain shards."""
+    split = {p.dim for p in getattr(param, "placements", ()) if isinstance(p, Shard | _StridedShard)}
+    return Shard(next(d for d in range(1, param.ndim) if d not in split))

@@ -2,7 +2,7 @@
 
     dense    ("pp", "dp_replicate", "dp_shard", "cp", "tp")   the layout itself: TP over "tp", CP over "cp"
     fsdp     ("pp", "dp_replicate", "dp_shard_cp", "tp")      dense parameters: FSDP over dp_shard * cp (HSDP)
-    experts  ("pp", "dp_replicate", "efsdp", "ep", "tp")      routed experts: split over ep, FSDP over efsdp
+    experts  ("pp", "dp_replicate", "efsdp", "ep", "tp")      routed experts: split over ep (width: tp), FSDP over efsdp
     flattened: "dp" (dp_replicate * dp_shard: the ranks reading different rows), "dp_cp" (every rank holding
     different tokens: losses, token counts and expert loads are summed over it)
 

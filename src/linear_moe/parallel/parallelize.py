@@ -42,7 +42,7 @@ def parallelize(
     if mesh is not None and cfg.tp > 1:
         from .tp import apply_tp
 
-        apply_tp(model, mesh)
+        apply_tp(model, mesh, cfg.expert_tp)
     if mesh is not None and cfg.ep > 1:
         from .ep import apply_ep
 

@@ -4,10 +4,12 @@
 its dimension, kind, group size and input bytes (summed over the step's calls), following what this package does:
 
 - tp (parallel/tp.py), per layer and per n = tokens of the tp group: the mixer's input all-gather (n/tp x D) and
-  o_proj's reduce-scatter (n x D), the same pair for a dense FFN, an all-gather for an MoE FFN (replicated over
-  tp); backward mirrors each (all-gather <-> reduce-scatter). Embedding: one reduce-scatter (+ its all-gather in
-  backward); head: one all-gather (+ its reduce-scatter). Per-head norm gradients (all-reduce of a head's width)
-  and loss_parallel's per-token statistics are left out (kilobytes).
+  o_proj's reduce-scatter (n x D), the same pair for a dense FFN and for an MoE FFN under expert tp (with
+  `expert_tp=false`: one all-gather, the layer replicated over tp); backward mirrors each (all-gather <->
+  reduce-scatter). Embedding: one reduce-scatter (+ its all-gather in backward); head: one all-gather (+ its
+  reduce-scatter). Weights every rank holds whole but applies to its share (per-head norms, shared low-rank
+  gates, the router and shared-expert gate under expert tp) all-reduce their gradients in each backward.
+  loss_parallel's per-token statistics are left out (kilobytes).
 - cp (parallel/cp.py), per forward call of a layer: a linear mixer all-gathers its last document's final states
   and transitions (float32: R x H x K x (V + K) for a "matrix" state [H, K, V], twice the state for a "diagonal"
   one) and, with short convolutions or token shift, the last W-1 (or 1) inputs; a softmax layer all-gathers K and
@@ -17,8 +19,9 @@ its dimension, kind, group size and input bytes (summed over the step's calls), 
   the rank. The count exchange (E integers) is left out.
 - fsdp (parallel/fsdp.py): each block's parameter shard is all-gathered in forward and again in backward (the last
   block and the root stay gathered), gradients reduce-scattered in float32, per forward-backward; shards are padded
-  so that dim 0 divides the shard count, as FSDP2 does. Experts are sharded over dp_shard*cp/ep ranks; HSDP adds an
-  all-reduce of the gradient shards over dp_replicate.
+  so that dim 0 divides the shard count, as FSDP2 does. Experts (E/ep of them on a rank, each F/tp wide under
+  expert tp) are sharded over dp_shard*cp/ep ranks; HSDP adds an all-reduce of the gradient shards over
+  dp_replicate.
 - pp (parallel/pp.py): each stage boundary sends the activations (and int64 document indices) forward and their
   gradients backward, once per micro-batch; a rank has `virtual` stages.
 
@@ -106,15 +109,19 @@ def step_traffic(
             out.append(Traffic(dim, what, kind, group, b))
 
     if tp > 1:
+        from .tp import summed_over_tp
+
         u = n / tp * D * act_bytes  # one rank's sequence slice of hidden states
-        dense = sum(not b.is_moe for b in layers)
-        moe = L - dense
-        add("tp", "layer inputs (all-gather fwd, RS->AG bwd)", "all_gather", tp, share * (2 * L + 2 * dense) * u)
+        split = sum(layout.expert_tp or not b.is_moe for b in layers)  # FFNs split over tp (dense; MoE: expert tp)
+        moe = L - split  # MoE layers replicated over tp (expert_tp=false)
+        add("tp", "layer inputs (all-gather fwd, RS->AG bwd)", "all_gather", tp, share * (2 * L + 2 * split) * u)
         add("tp", "MoE FFN output grads (bwd)", "all_gather", tp, share * moe * u)
         add("tp", "MoE FFN inputs (fwd)", "all_gather", tp, share * moe * u)
-        add("tp", "o_proj / down_proj (RS fwd, AG->RS bwd)", "reduce_scatter", tp, share * (2 * L + 2 * dense) * tp * u)
+        add("tp", "o_proj / down_proj (RS fwd, AG->RS bwd)", "reduce_scatter", tp, share * (2 * L + 2 * split) * tp * u)
         add("tp", "embedding and head", "all_gather", tp, share * 2 * u)
         add("tp", "embedding and head", "reduce_scatter", tp, share * 2 * tp * u)
+        summed = sum(p.numel() for b in layers for p in summed_over_tp(b, tp, layout.expert_tp))
+        add("tp", "shared weights' gradients (bwd)", "all_reduce", tp, share * calls * summed * param_bytes)
     if cp > 1:
         from .cp import exchange_numbers
 
@@ -152,7 +159,7 @@ def step_traffic(
             blocks_ag += times * s
             blocks_rs += f / param_bytes * grad_bytes
             if expert:
-                s, f = _shard_bytes([_ep_shard(p, ep) for p in expert], efsdp, param_bytes)
+                s, f = _shard_bytes([_expert_shard(p, ep, tp, layout.expert_tp) for p in expert], efsdp, param_bytes)
                 experts_ag += times * s
                 experts_rs += f / param_bytes * grad_bytes
         root = [p for name, p in model.named_parameters() if not name.startswith("layers.")]
@@ -184,9 +191,11 @@ def _tp_shard(p: torch.Tensor, tp: int) -> torch.Tensor:
     )
 
 
-def _ep_shard(p: torch.Tensor, ep: int) -> torch.Tensor:
-    """Experts [E, ...] split over ep ranks: this rank's [E/ep, ...]."""
-    return torch.empty(p.shape[0] // ep, *p.shape[1:], device="meta")
+def _expert_shard(p: torch.Tensor, ep: int, tp: int, expert_tp: bool) -> torch.Tensor:
+    """Experts w13 [E, D, 2F] / w2 [E, F, D] split over ep ranks and, under expert tp, their width F over tp: this
+    rank's [E/ep, D, 2F/tp] / [E/ep, F/tp, D] (stand-in: the last two dims' product divided by tp)."""
+    width = tp if expert_tp else 1
+    return torch.empty(p.shape[0] // ep, p.shape[1] * p.shape[2] // width, device="meta")
 
 
 def moved_bytes(traffic: list[Traffic]) -> dict[str, float]:

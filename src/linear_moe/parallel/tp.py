@@ -36,9 +36,16 @@ projections and x/B/C convolutions instead (the same function: a depthwise convo
 `mixers/mamba2.py` converts to and from the fused layout), so every parameter has one name and one global shape
 under every tp.
 
-Dense SwiGLU FFNs are column- then row-parallel the same way. MoE layers are not split by tp: each rank runs the
-layer on the whole (all-gathered) sequence with replicated weights and keeps its slice of the output; split the
-experts with `parallel.ep` (the tp ranks then exchange tokens with their own ep peers). The embedding is
+Dense SwiGLU FFNs are column- then row-parallel the same way. MoE layers (expert tensor parallelism, the MoE section
+below; `expert_tp`, on by default): each rank routes every token of the all-gathered sequence with the whole
+router (the same routing, drops, loads and balance losses on every rank, those of one process) through its slice of
+every expert's width: `w13` [E, D, 2F] (gate | up) as `_StridedShard(2, split_factor=2)`, so its local part is
+its gate and up columns side by side, `w2` split on F, shared experts as a dense SwiGLU; the partial outputs are
+reduce-scattered back to the sequence split (one reduce-scatter, instead of keeping a slice of a replicated
+output). The strided shard keeps `w13`'s name and global shape, so checkpoints move between layouts
+(`parallel/strided.py` writes it to DCP as plain column blocks). With `parallel.ep` the experts are split over
+(ep, tp) by `parallel/ep.py`, and each tp rank exchanges tokens with the ep peers of its tp index. `expert_tp=False`
+keeps the layer replicated: whole weights on every rank, its slice of the output kept. The embedding is
 vocab-parallel, the LM head column-parallel (tied: one `[V, D]` weight split on the vocabulary serves both), and
 the loss runs under `loss_parallel` (the plain cross-entropy path, never fla's fused one): forward and backward of a
 step must run inside `loss_context(model)`.
@@ -67,10 +74,11 @@ from torch.distributed.tensor.parallel import (
     loss_parallel,
     parallelize_module,
 )
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..layers.conv import ShortConvolution
 from ..layers.norm import RMSNorm
-from .checkpointing import transformer_blocks
+from .checkpointing import moe_layers, transformer_blocks
 
 HEAD_COUNTS = ("num_heads", "num_kv_heads", "num_v_heads", "key_dim", "value_dim")
 
@@ -331,27 +339,125 @@ def _apply_mixer(mixer: nn.Module, mesh: DeviceMesh) -> None:
         mixer.head_offset = rank * mixer.num_heads
 
 
-def _apply_ffn(block: nn.Module, mesh: DeviceMesh, ep: int) -> None:
+def _apply_ffn(block: nn.Module, mesh: DeviceMesh, ep: int, expert_tp: bool) -> None:
     if block.is_moe:
-        for m in block.ffn.modules():
-            if m is block.ffn.experts and ep > 1:  # split over ep by parallel/ep.py instead
-                continue
-            params = {n: Replicate() for n, p in m.named_parameters(recurse=False)}
-            if params:
-                localize(m, params, mesh)
-        block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, Replicate()), with_kwargs=True)
-        block.ffn.register_forward_hook(functools.partial(_shard_moe_output, mesh))
+        _apply_moe(block.ffn, mesh, ep, expert_tp)
         return
     parallelize_module(block.ffn, mesh, {"down_proj": RowwiseParallel(output_layouts=Shard(1))})
     localize(block.ffn, {"gate_proj.weight": Shard(0), "up_proj.weight": Shard(0)}, mesh)
     block.ffn.register_forward_pre_hook(functools.partial(_gather_input, mesh, Partial()), with_kwargs=True)
 
 
-def apply_tp(model: nn.Module, mesh) -> None:
+# ---------------------------------------------------------------- MoE layers (expert tensor parallelism)
+
+# Under expert tp each rank holds the same slice of every expert's FFN width. w13 [E, D, 2F] fuses gate | up on its
+# last dim: `_StridedShard(2, split_factor=2)` gives rank r the columns [r F/tp, (r+1) F/tp) of both halves, so the
+# local [E, D, 2F/tp] is again gate_r | up_r and `GroupedExperts` runs unchanged on it; w2 [E, F, D] is split on F.
+# The parameters keep their names and global shapes: DCP stores the same tensors as at tp=1 (parallel/strided.py
+# writes the strided shard as plain column blocks), so checkpoints move between layouts.
+EXPERT_TP: dict[str, Placement] = {"w13": _StridedShard(2, split_factor=2), "w2": Shard(1)}
+MOE_TP: dict[str, Placement] = {  # the MoE layer's other parameters, run on their local parts (`localize`)
+    "router.weight": Replicate(),  # every rank routes every token alike; its gradient shares are summed
+    "shared_experts.gate_proj.weight": Shard(0),  # shared experts: column- then row-parallel, as a dense FFN
+    "shared_experts.up_proj.weight": Shard(0),
+    "shared_experts.down_proj.weight": Shard(1),
+    "shared_expert_gate.weight": Replicate(),  # scales this rank's partial shared output: gradient shares summed
+}
+
+
+def check_expert_tp(model: nn.Module, tp: int) -> None:
+    """One-line errors for MoE widths that tp does not divide."""
+    for moe in moe_layers(model):
+        for name, width in (
+            ("expert_ffn_hidden_size", moe.cfg.expert_ffn_hidden_size),
+            ("shared_expert_ffn_hidden_size", moe.cfg.shared_ffn_size),
+        ):
+            if width % tp:
+                raise ValueError(
+                    f"tensor parallel: model.moe.{name}={width} is not divisible by tp={tp} (each tp rank holds a "
+                    "slice of every expert); change it or set parallel.expert_tp=false"
+                )
+
+
+def summed_over_tp(block: nn.Module, tp: int, expert_tp: bool = True) -> list[nn.Parameter]:
+    """The block's parameters that every tp rank holds whole but applies to its own share of the work (the mixer's
+    shared weights; under expert tp the router and the shared-expert gate): their gradients are all-reduced over
+    tp in every backward (parallel/scaling.py counts them)."""
+    _, placements = _check_mixer(block.mixer, tp, "")
+    params = [block.mixer.get_parameter(path) for path, p in placements.items() if p.is_replicate()]
+    if block.is_moe and expert_tp:
+        own = dict(block.ffn.named_parameters())
+        params += [own[path] for path, p in MOE_TP.items() if p.is_replicate() and path in own]
+    return params
+
+
+class _ShareGrad(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by `n`: a loss that every one of n ranks computes whole (the
+    aux loss of a MoE layer run on the all-gathered sequence) then contributes each rank's share, like the rest of
+    the layer's gradients, whose shares are summed over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g / ctx.n, None
+
+
+def _reduce_moe_output(mesh: DeviceMesh, module, args, output):
+    """The rank's partial output (its slice of every routed and shared expert) summed over the ranks and split over
+    the sequence, one reduce-scatter (its backward: one all-gather of the output gradient); the aux loss's gradient
+    becomes this rank's share."""
+    y, aux = output
+    y = DTensor.from_local(y, mesh, [Partial()]).redistribute(mesh, [Shard(1)]).to_local()
+    return y, dataclasses.replace(aux, loss=_ShareGrad.apply(aux.loss, mesh.size()))
+
+
+def _apply_moe(moe: nn.Module, mesh: DeviceMesh, ep: int, expert_tp: bool) -> None:
+    """Expert tp (`expert_tp`): each rank runs the layer on the all-gathered sequence with the whole router (the same
+    routing, drops and loads on every rank) and its slice of every expert's width, and the partial outputs are
+    reduce-scattered; gradients are shares (the input's reduce-scattered once, the router's and the shared gate's
+    summed, the aux loss's 1/tp on each rank). With ep > 1 the routed experts are split over (ep, tp) by
+    parallel/ep.py. Without expert tp the layer runs replicated: whole weights, the whole output's slice kept."""
+    if not expert_tp:
+        for m in moe.modules():
+            if m is moe.experts and ep > 1:  # split over ep by parallel/ep.py instead
+                continue
+            params = {n: Replicate() for n, p in m.named_parameters(recurse=False)}
+            if params:
+                localize(m, params, mesh)
+        moe.register_forward_pre_hook(functools.partial(_gather_input, mesh, Replicate()), with_kwargs=True)
+        moe.register_forward_hook(functools.partial(_shard_moe_output, mesh))
+        return
+    placements = {}
+    for name, _ in moe.named_parameters():
+        if name.startswith("experts."):
+            continue
+        if name not in MOE_TP:
+            raise ValueError(
+                f"tensor parallel: MoE parameter {name} has no placement (parallel/tp.py MOE_TP); add it there or "
+                "set parallel.expert_tp=false"
+            )
+        placements[name] = MOE_TP[name]
+    localize(moe, placements, mesh, sum_grad=True)
+    if ep == 1:
+        for name, placement in EXPERT_TP.items():
+            weight = getattr(moe.experts, name)
+            setattr(moe.experts, name, nn.Parameter(distribute_tensor(weight.detach(), mesh, [placement])))
+    moe.register_forward_pre_hook(functools.partial(_gather_input, mesh, Partial()), with_kwargs=True)
+    moe.register_forward_hook(functools.partial(_reduce_moe_output, mesh))
+
+
+def apply_tp(model: nn.Module, mesh, expert_tp: bool = True) -> None:
     """Split `model` over the mesh's "tp" dimension in place (parameter names unchanged; the split parameters are
-    DTensors). Sequences (packed: B*T tokens) must divide by tp."""
+    DTensors). Sequences (packed: B*T tokens) must divide by tp. `expert_tp`: split every expert's FFN width over
+    the tp ranks (False: run the MoE layers replicated over tp)."""
     tp_mesh: DeviceMesh = mesh["tp"] if not isinstance(mesh, DeviceMesh) else mesh
     check_tp(model, tp_mesh.size())
+    if expert_tp:
+        check_expert_tp(model, tp_mesh.size())
     parallelize_module(
         model,
         tp_mesh,
@@ -368,7 +474,7 @@ def apply_tp(model: nn.Module, mesh) -> None:
     for block in transformer_blocks(model):
         parallelize_module(block, tp_mesh, {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
         _apply_mixer(block.mixer, tp_mesh)
-        _apply_ffn(block, tp_mesh, getattr(getattr(mesh, "cfg", None), "ep", 1))
+        _apply_ffn(block, tp_mesh, getattr(getattr(mesh, "cfg", None), "ep", 1), expert_tp)
     for name, p in model.named_parameters():
         if not isinstance(p, DTensor) and ".experts." not in name:
             raise ValueError(f"tensor parallel: parameter {name} has no tp placement")
