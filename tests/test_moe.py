@@ -363,3 +363,25 @@ def test_combine_and_its_gradients_equal_a_weighted_index_add(capacity_factor):
         torch.autograd.grad(ours, (y, weights), g), torch.autograd.grad(want, (y, weights), g), strict=True
     ):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_dispatch_row_map_and_kernel_switch(capacity_factor, monkeypatch):
+    """`Dispatch.row_Tk`, the row map of the Triton combine (`moe/kernels.py`, checked in tests/gpu): the dispatch
+    position of each kept assignment, -1 where dropped. CPU tensors and the kill switch take the PyTorch path."""
+    from linear_moe.moe import kernels
+
+    torch.manual_seed(6)
+    T, E, k = 17, 4, 2
+    experts = torch.rand(T, E).argsort(-1)[:, :k]
+    d = dispatch(experts, torch.rand(T, k), E, capacity_factor)
+    want = torch.full((T * k,), -1)
+    want[d.slot_N] = torch.arange(d.slot_N.numel())
+    assert torch.equal(d.row_Tk, want) and int((d.row_Tk >= 0).sum()) == int(d.kept)
+    assert (capacity_factor is None) == bool((d.row_Tk >= 0).all())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("LINEAR_MOE_MOE_KERNELS", raising=False)
+    assert not kernels.use_moe_kernels(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LINEAR_MOE_MOE_KERNELS", "0")
+    assert not kernels.use_moe_kernels(torch.zeros(1))

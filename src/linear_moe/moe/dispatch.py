@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from linear_moe.moe import kernels
 from linear_moe.moe.router import Routing
 
 
@@ -24,6 +25,9 @@ class Dispatch:
     # [T * top_k] position in dispatch order of each flat assignment: the inverse permutation of slot_N when
     # nothing is dropped (then returning rows to their (token, slot) places is a gather), None when some are
     inverse_Tk: torch.Tensor | None = None
+    # [T * top_k] position in dispatch order of each flat assignment, -1 where dropped (= inverse_Tk when dropless):
+    # the row map of the Triton combine (`moe/kernels.py`), which serves both cases with one kernel
+    row_Tk: torch.Tensor | None = None
 
     @property
     def kept(self) -> torch.Tensor:
@@ -72,9 +76,10 @@ def dispatch(
         if drop_policy == "weight":  # kept rows back in position order within each expert
             slot_N = slot_N[torch.argsort(flat_N[slot_N] * (T * k) + slot_N)]
         counts_E = counts_E.clamp(max=cap)
-        return Dispatch(slot_N // k, slot_N, counts_E, k)
+        row_Tk = torch.full_like(flat_N, -1).scatter_(0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
+        return Dispatch(slot_N // k, slot_N, counts_E, k, None, row_Tk)
     inverse_Tk = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(T * k, device=slot_N.device))
-    return Dispatch(slot_N // k, slot_N, counts_E, k, inverse_Tk)
+    return Dispatch(slot_N // k, slot_N, counts_E, k, inverse_Tk, inverse_Tk)
 
 
 def to_slots(y_ND: torch.Tensor, slot_N: torch.Tensor, inverse_Tk: torch.Tensor | None, num_slots: int) -> torch.Tensor:
@@ -105,38 +110,50 @@ class _ToSlots(torch.autograd.Function):
 
 class _GatherRows(torch.autograd.Function):
     """x[token_N] for the kept assignments, with a deterministic backward that needs no atomics or sort: each
-    gradient row goes back to its (token, slot) place (`to_slots`) and the k slots of each token are summed.
+    gradient row goes back to its (token, slot) place (`to_slots`) and the k slots of each token are summed; with
+    the Triton kernels (`kernels.use_moe_kernels`) both in one gather-sum over the row map `row_Tk`.
     Autograd's own backward of `x[idx]` is an accumulating index_put (sort + atomics on GPU)."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_N, slot_N, inverse_Tk, k: int):
-        ctx.save_for_backward(slot_N, inverse_Tk)
-        ctx.T, ctx.k = x_TD.shape[0], k
+    def forward(ctx, x_TD, token_N, slot_N, row_Tk, dropless: bool, k: int):
+        # row_Tk is inverse_Tk when dropless: passed once (dynamo refuses one tensor in two inputs of a Function)
+        ctx.save_for_backward(slot_N, row_Tk)
+        ctx.T, ctx.k, ctx.dropless = x_TD.shape[0], k, dropless
         return x_TD.index_select(0, token_N)
 
     @staticmethod
     def backward(ctx, g_ND: torch.Tensor):
-        slot_N, inverse_Tk = ctx.saved_tensors
-        g_TkD = to_slots(g_ND, slot_N, inverse_Tk, ctx.T * ctx.k)
-        return g_TkD.view(ctx.T, ctx.k, -1).sum(1), None, None, None, None
+        slot_N, row_Tk = ctx.saved_tensors
+        if kernels.use_moe_kernels(g_ND):
+            return kernels.gather_sum(g_ND, row_Tk.view(ctx.T, ctx.k), None), None, None, None, None, None
+        g_TkD = to_slots(g_ND, slot_N, row_Tk if ctx.dropless else None, ctx.T * ctx.k)
+        return g_TkD.view(ctx.T, ctx.k, -1).sum(1), None, None, None, None, None
 
 
 def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """[T, D] -> [N, D]: the source token row of every kept assignment, in dispatch (expert-sorted) order."""
-    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.inverse_Tk, d.top_k)
+    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.row_Tk, d.inverse_Tk is not None, d.top_k)
 
 
 def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
     """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
 
-    The rows go back to their (token, slot) places (`to_slots`: a gather when nothing is dropped, dropped slots
-    zero otherwise), and one batched [1, k] x [k, D] product per token applies the router weights and sums over
-    the k experts. Measured on the H200 (T=65,536, k=8, D=1024, bf16, fwd+bwd): this bmm 3.3 ms; an elementwise
-    product and sum 4.8 ms; the same torch.compile'd 2.3 ms (plus the gather); a gather fused into the weighted
-    sum through torch.compile'd pieces 4.9 ms. The ideal (one read of the rows, one write) is ~1 ms: a hand-written
-    kernel would save ~3 ms per layer.
+    On CUDA with triton (`kernels.use_moe_kernels`; off with `LINEAR_MOE_MOE_KERNELS=0`): one Triton kernel
+    reads each token's k rows through the row map `d.row_Tk` and writes the weighted sum (float32 accumulation,
+    weights in their own dtype), and one kernel computes the backward (dy by a scatter of distinct rows, dw by a
+    float32 dot); nothing is copied to (token, slot) order or saved beyond y itself (`moe/kernels.py`).
+
+    Otherwise (CPU, or switched off): the rows go back to their (token, slot) places (`to_slots`: a gather when
+    nothing is dropped, dropped slots zero otherwise), and one batched [1, k] x [k, D] product per token applies
+    the router weights (cast to y's dtype) and sums over the k experts. Measured on the H200 (T=65,536, k=8,
+    D=1024, bf16, fwd+bwd): this bmm 3.3 ms; an elementwise product and sum 4.8 ms; the same torch.compile'd
+    2.3 ms (plus the gather); a gather fused into the weighted sum through torch.compile'd pieces 4.9 ms. The
+    ideal (one read of the rows, one write) is ~1 ms, what the kernels aim at (not yet measured on the H200:
+    `linear-moe bench moe` with LINEAR_MOE_MOE_KERNELS=0 and =1).
     """
     T, k = weights_TK.shape
+    if kernels.use_moe_kernels(y_ND):
+        return kernels.gather_sum(y_ND, d.row_Tk.view(T, k), weights_TK)
     y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
     return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
 
