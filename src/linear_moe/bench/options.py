@@ -151,6 +151,12 @@ def _moe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, default=896, help="expert FFN width F (default 896)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens per call (default 65536)")
     p.add_argument("--backend", default="auto", choices=["auto", "grouped_mm", "bmm"], help="grouped matmul")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="drop assignments beyond this capacity in the MoELayer and gather+combine rows (default: dropless)",
+    )
     _common(p, steps=10, warmup=3)
 
 
