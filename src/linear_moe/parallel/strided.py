@@ -41,11 +41,19 @@ def writable_placements(t: DTensor) -> tuple[Placement, ...] | None:
 
 
 def _map(fn: Callable[..., Any], obj: Any, *others: Any) -> Any:
-    """`fn` applied to the leaves of nested dicts and lists (`others`: the same structure, their leaves passed too)."""
+    """`fn` applied to the leaves of nested dicts and lists (`others`: the same structure, their leaves passed too;
+    None where theirs lacks the key or index: dcp.load replaces non-tensor entries such as an optimizer's
+    `param_groups` by the checkpoint's, which another layout may have written longer or shorter)."""
+
+    def part(o: Any, key: Any) -> Any:
+        if isinstance(o, dict):
+            return o.get(key)
+        return o[key] if isinstance(o, list) and key < len(o) else None
+
     if isinstance(obj, dict):
-        return {k: _map(fn, v, *(o[k] for o in others)) for k, v in obj.items()}
+        return {k: _map(fn, v, *(part(o, k) for o in others)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_map(fn, v, *(o[i] for o in others)) for i, v in enumerate(obj)]
+        return [_map(fn, v, *(part(o, i) for o in others)) for i, v in enumerate(obj)]
     return fn(obj, *others)
 
 
