@@ -22,12 +22,16 @@ class Dispatch:
     slot_N: torch.Tensor  # index into the flat [T * k] assignments (for its router weight)
     counts_E: torch.Tensor  # kept assignments per expert (int64)
     top_k: int  # assignments per token (slot_N indexes the flat [T * top_k] assignments)
-    # [T * top_k] position in dispatch order of each flat assignment: the inverse permutation of slot_N when
-    # nothing is dropped (then returning rows to their (token, slot) places is a gather), None when some are
-    inverse_Tk: torch.Tensor | None = None
-    # [T * top_k] position in dispatch order of each flat assignment, -1 where dropped (= inverse_Tk when dropless):
-    # the row map of the Triton combine (`moe/kernels.py`), which serves both cases with one kernel
-    row_Tk: torch.Tensor | None = None
+    # [T * top_k] position in dispatch order of each flat assignment, -1 where dropped: the row map of the Triton
+    # combine (`moe/kernels.py`), which serves both cases with one kernel
+    row_Tk: torch.Tensor
+    dropless: bool  # no assignment dropped (no capacity limit)
+
+    @property
+    def inverse_Tk(self) -> torch.Tensor | None:
+        """The inverse permutation of slot_N when nothing is dropped (then returning rows to their (token, slot)
+        places is a gather): `row_Tk`; None when some are."""
+        return self.row_Tk if self.dropless else None
 
     @property
     def kept(self) -> torch.Tensor:
@@ -77,9 +81,9 @@ def dispatch(
             slot_N = slot_N[torch.argsort(flat_N[slot_N] * (T * k) + slot_N)]
         counts_E = counts_E.clamp(max=cap)
         row_Tk = torch.full_like(flat_N, -1).scatter_(0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
-        return Dispatch(slot_N // k, slot_N, counts_E, k, None, row_Tk)
+        return Dispatch(slot_N // k, slot_N, counts_E, k, row_Tk, dropless=False)
     inverse_Tk = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(T * k, device=slot_N.device))
-    return Dispatch(slot_N // k, slot_N, counts_E, k, inverse_Tk, inverse_Tk)
+    return Dispatch(slot_N // k, slot_N, counts_E, k, inverse_Tk, dropless=True)
 
 
 def to_slots(y_ND: torch.Tensor, slot_N: torch.Tensor, inverse_Tk: torch.Tensor | None, num_slots: int) -> torch.Tensor:
@@ -132,7 +136,7 @@ class _GatherRows(torch.autograd.Function):
 
 def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """[T, D] -> [N, D]: the source token row of every kept assignment, in dispatch (expert-sorted) order."""
-    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.row_Tk, d.inverse_Tk is not None, d.top_k)
+    return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.row_Tk, d.dropless, d.top_k)
 
 
 def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -148,8 +152,8 @@ def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.
     the router weights (cast to y's dtype) and sums over the k experts. Measured on the H200 (T=65,536, k=8,
     D=1024, bf16, fwd+bwd): this bmm 3.3 ms; an elementwise product and sum 4.8 ms; the same torch.compile'd
     2.3 ms (plus the gather); a gather fused into the weighted sum through torch.compile'd pieces 4.9 ms. The
-    ideal (one read of the rows, one write) is ~1 ms, what the kernels aim at (not yet measured on the H200:
-    `linear-moe bench moe` with LINEAR_MOE_MOE_KERNELS=0 and =1).
+    ideal (one read of the rows, one write) is ~1 ms. The kernels, measured the same way (`linear-moe bench moe`,
+    token gather + combine fwd+bwd): 1.81 ms against 5.96 ms for this path (12-02).
     """
     T, k = weights_TK.shape
     if kernels.use_moe_kernels(y_ND):
