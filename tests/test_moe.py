@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from linear_moe.moe import MoEConfig, MoELayer, balance, grouped_matmul, moe_param_counts, moe_preset, route
 from linear_moe.moe.dispatch import dispatch, gather_rows
-from linear_moe.moe.experts import grouped_mm_supported
+from linear_moe.moe.experts import GroupedExperts, grouped_matmul_wgrad, grouped_mm_supported
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 
@@ -42,6 +42,68 @@ def test_grouped_matmul_matches_loop(backend):
     ref = loop_matmul(x, w, counts_E)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g))
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_grouped_matmul_wgrad_matches_loop(backend):
+    """The weight gradient of `grouped_matmul` (what `_RoutedSwiGLU`'s backward runs) == x_e^T g_e per expert."""
+    if backend == "grouped_mm" and not grouped_mm_supported(torch.zeros(1, 8), torch.zeros(1, 8, 4)):
+        pytest.skip("torch._grouped_mm unavailable for CPU float32 in this torch")
+    torch.manual_seed(0)
+    counts_E = torch.tensor([3, 0, 5, 1, 7])
+    x, g = torch.randn(16, 8), torch.randn(16, 12)
+    starts = [0, *torch.cumsum(counts_E, 0).tolist()]
+    ref = torch.stack([x[a:b].T @ g[a:b] for a, b in zip(starts, starts[1:], strict=False)])
+    torch.testing.assert_close(grouped_matmul_wgrad(x, g, counts_E, backend), ref)
+    assert grouped_matmul_wgrad(x[:0], g[:0], torch.zeros(5, dtype=torch.int64), backend).abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "bmm"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("regather", [True, False], ids=["source", "rows"])
+def test_routed_experts_match_autograd_of_the_plain_ops(backend, weighted, regather):
+    """`GroupedExperts` with row weights and a row source (its hand-written backward recomputes the SwiGLU output
+    and the rows) == autograd through x_TD[token] -> per-expert SwiGLU MLP -> * weight, values and all gradients."""
+    torch.manual_seed(0)
+    E, D, F_, T = 4, 8, 6, 9
+    experts = GroupedExperts(E, D, F_, backend)
+    torch.nn.init.normal_(experts.w13, std=0.3)
+    torch.nn.init.normal_(experts.w2, std=0.3)
+    token_N = torch.tensor([0, 3, 8, 1, 1, 2, 5, 7, 4, 6, 0, 2])  # sorted by expert below; token 1 twice
+    counts_E = torch.tensor([3, 0, 5, 4])
+    x_TD = torch.randn(T, D, requires_grad=True)
+    w_N = torch.rand(12, requires_grad=True)
+    y = experts(x_TD[token_N], counts_E, w_N if weighted else None, (x_TD, token_N) if regather else None)
+    x_ND, rows, start = x_TD[token_N], [], 0
+    for e, c in enumerate(counts_E.tolist()):
+        h = x_ND[start : start + c] @ experts.w13[e]
+        rows.append((F.silu(h[:, :F_]) * h[:, F_:]) @ experts.w2[e])
+        start += c
+    ref = torch.cat(rows) * (w_N[:, None] if weighted else 1)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    params = [x_TD, experts.w13, experts.w2] + ([w_N] if weighted else [])
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_layer_keeps_only_gate_up_of_the_expert_rows():
+    """What one MoE layer saves for backward, counted by hand: of the [N = T*k, ...] tensors only the gate | up
+    output [N, 2F] and the N router weights; no [N, D] rows, no [N, F] SwiGLU output, no [N, D] expert output."""
+    torch.manual_seed(0)
+    cfg = tiny("qwen2_moe", expert_ffn_hidden_size=12, top_k=2)
+    layer = MoELayer(cfg, 16)
+    T, k, F_ = 10, 2, 12
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = layer(torch.randn(1, T, 16, requires_grad=True))
+    rows = [t for t in saved.values() if t.dtype.is_floating_point and t.dim() and t.shape[0] == T * k]
+    assert sorted(t.numel() for t in rows) == [T * k, T * k * 2 * F_]
 
 
 def reference_layer(layer: MoELayer, x_BTD: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,9 @@ def assert_follows(got: dict, ref: dict) -> None:
         assert (got["grads"][name] - g).abs().max() <= 1e-5 * g.abs().max(), name
     assert got["state"].keys() == ref["state"].keys()
     for name, value in ref["state"].items():
-        torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=2e-5, msg=name)
+        # atol LR / 10: Adam moves a weight by ~LR per step whatever its gradient's size, so reordered float32 sums
+        # of a near-zero gradient show as weight differences of a few 1e-5 (2.4e-5 seen); a wrong gradient, ~LR
+        torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=LR / 10, msg=name)
 
 
 @pytest.mark.parametrize("case", list(CASES))

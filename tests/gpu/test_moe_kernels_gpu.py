@@ -22,6 +22,7 @@ import torch
 
 from linear_moe.moe import MoELayer, kernels, moe_preset
 from linear_moe.moe.dispatch import combine, dispatch, gather_rows
+from linear_moe.moe.experts import GroupedExperts
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,8 +142,8 @@ def test_unit_weight_gather_sum_and_its_gradient(capacity_factor, dtype):
 
 @pytest.mark.parametrize("capacity_factor", DROPS, ids=DROP_IDS)
 def test_layer_runs_the_kernels_and_matches_torch_path(capacity_factor, monkeypatch):
-    """A whole MoELayer fwd+bwd: two gather-sums per call (combine, gather backward), same values and gradients as
-    the PyTorch path."""
+    """A whole MoELayer fwd+bwd: two gather-sums per call (combine, gather backward) and the weighted SwiGLU kernels,
+    same values and gradients as the PyTorch path."""
     torch.manual_seed(0)
     cfg = moe_preset("deepseek_v3", num_experts=16, top_k=4, expert_ffn_hidden_size=64, capacity_factor=capacity_factor)
     layer = MoELayer(cfg, 96).to(DEVICE)
@@ -157,7 +158,8 @@ def test_layer_runs_the_kernels_and_matches_torch_path(capacity_factor, monkeypa
     op = kernels.gather_sum
     monkeypatch.setattr(kernels, "gather_sum", lambda *a: calls.append(a[2] is None) or op(*a))
     got = step()
-    assert calls == [False, True]  # combine (router weights) forward, then the gather's backward
+    # the experts apply the router weights (`row_weights`): the combine and the gather's backward are plain sums
+    assert calls == [True, True]
     for a, b in zip(got, torch_path(step), strict=True):
         assert rel_err(a, b) < 1e-5
 
@@ -189,3 +191,57 @@ def test_custom_op_registrations(weighted):
     y = torch.randn(d.token_N.numel(), D, device=DEVICE, requires_grad=True)
     w = w.requires_grad_() if weighted else None
     torch.library.opcheck(kernels.gather_sum, (y, d.row_Tk.view(T, k), w))
+
+
+# (N, F): one row; N not a multiple of the row block with F not a multiple of the column block; A0.3B-2B's F
+SWIGLU_SHAPES = [(1, 96), (37, 200), (300, 896)]
+
+
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES, ids=[f"N{n}-F{f}" for n, f in SWIGLU_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
+def test_weighted_swiglu_kernels_match_float64_autograd(shape, dtype, weighted):
+    """`routed_swiglu` and `routed_swiglu_backward` (a recomputed, dh, dw) == float64 autograd of
+    silu(gate) * up * w."""
+    N, F = shape
+    h = torch.randn(N, 2 * F, device=DEVICE, dtype=dtype)
+    w = torch.rand(N, device=DEVICE) if weighted else None
+    da = torch.randn(N, F, device=DEVICE, dtype=dtype)
+    assert kernels.use_moe_kernels(h)
+    a = kernels.routed_swiglu(h, w)
+    a2, dh, dw = kernels.routed_swiglu_backward(h, w, da, need_dw=True)
+
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_() if weighted else None
+    gate, up = h64.chunk(2, -1)
+    ref = torch.nn.functional.silu(gate) * up * (w64[:, None] if weighted else 1)
+    grads = torch.autograd.grad(ref, [h64] + ([w64] if weighted else []), da.double())
+    assert a.dtype == a2.dtype == dh.dtype == dtype
+    assert rel_err(a, ref) < tol(dtype) and torch.equal(a, a2)
+    assert rel_err(dh, grads[0]) < tol(dtype)
+    if weighted:
+        assert dw.dtype == torch.float32 and rel_err(dw, grads[1]) < 1e-5
+    else:
+        assert dw is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_routed_experts_kernels_match_torch_path(dtype):
+    """`GroupedExperts` with row weights and a row source: the kernels' forward and every gradient == the PyTorch
+    path (the same hand-written backward, PyTorch's SwiGLU)."""
+    torch.manual_seed(0)
+    E, D, F, T = 8, 96, 200, 50
+    experts = GroupedExperts(E, D, F).to(DEVICE)
+    torch.nn.init.normal_(experts.w13, std=0.1)
+    torch.nn.init.normal_(experts.w2, std=0.1)
+    d, w_TK = routed(T, E, 4, None, seed=3)
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    w_N = w_TK.reshape(-1)[d.slot_N].requires_grad_()
+    experts = experts.to(dtype)
+
+    def run():
+        y = experts(x_TD[d.token_N], d.counts_E, w_N, (x_TD, d.token_N))
+        return (y, *torch.autograd.grad(y.float().square().sum(), (x_TD, experts.w13, experts.w2, w_N)))
+
+    for a, b in zip(run(), torch_path(run), strict=True):
+        assert rel_err(a, b) < 2 * tol(dtype)

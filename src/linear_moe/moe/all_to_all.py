@@ -72,3 +72,11 @@ class AllToAllDispatcher:
         y_MD = permute_rows(y_MD, ctx.inverse_M, ctx.order_M)
         y_ND = all_to_all_single_autograd(y_MD, ctx.send, ctx.recv, self.group)
         return combine(y_ND, ctx.local, weights_TK)
+
+    def row_weights(self, ctx: AllToAllContext, weights_TK: torch.Tensor) -> None:
+        """None: the router weights stay with the combine (they would have to travel with the rows)."""
+        return None
+
+    def row_source(self, x_TD: torch.Tensor, ctx: AllToAllContext) -> None:
+        """None: the rows came from other ranks."""
+        return None

@@ -136,7 +136,7 @@ def gather_sum_backward(
     w = None if weights_TK is None else weights_TK.contiguous()
     _gather_sum_backward_kernel[(triton.cdiv(T, block_t),)](
         g_TD.contiguous(),
-        y_ND.contiguous(),
+        y_ND.contiguous() if need_dw else y_ND,  # without dw, y is not read (may be a stride-0 stand-in)
         w,
         rows_TK.contiguous(),
         dy_ND,

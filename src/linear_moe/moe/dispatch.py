@@ -139,8 +139,9 @@ def gather_rows(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     return _GatherRows.apply(x_TD, d.token_N, d.slot_N, d.row_Tk, d.dropless, d.top_k)
 
 
-def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D].
+def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor | None) -> torch.Tensor:
+    """out[t] = sum over kept assignments (t, e) of weight(t, e) * y_e(t): [N, D] -> [T, D]; weights None: the
+    plain sum (the experts applied the weights to their rows: `LocalDispatcher.row_weights`).
 
     On CUDA with triton (`kernels.use_moe_kernels`; off with `LINEAR_MOE_MOE_KERNELS=0`): one Triton kernel
     reads each token's k rows through the row map `d.row_Tk` and writes the weighted sum (float32 accumulation,
@@ -155,10 +156,12 @@ def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.
     ideal (one read of the rows, one write) is ~1 ms. The kernels, measured the same way (`linear-moe bench moe`,
     token gather + combine fwd+bwd): 1.81 ms against 5.96 ms for this path (12-02).
     """
-    T, k = weights_TK.shape
+    T, k = d.row_Tk.numel() // d.top_k, d.top_k
     if kernels.use_moe_kernels(y_ND):
         return kernels.gather_sum(y_ND, d.row_Tk.view(T, k), weights_TK)
     y_TkD = _ToSlots.apply(y_ND, d.slot_N, d.inverse_Tk, T * k).view(T, k, -1)
+    if weights_TK is None:  # rows weighted by the experts (`row_weights`)
+        return y_TkD.sum(1)
     return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TkD).squeeze(1)
 
 
@@ -172,14 +175,23 @@ class TokenDispatcher(Protocol):
     """How `MoELayer` brings token rows to its experts and back.
 
     `dispatch(x [T, D], routing) -> (rows [M, D], counts [E_local], ctx)`: the rows the local experts compute,
-    grouped by local expert (`counts` rows each). `combine(y [M, D], ctx, weights [T, K]) -> [T, D]`: the expert
-    outputs back at their tokens, weighted by the router and summed over the k slots. `ctx.kept` counts this
-    rank's assignments that survived the capacity limit.
+    grouped by local expert (`counts` rows each). `combine(y [M, D], ctx, weights [T, K] | None) -> [T, D]`: the
+    expert outputs back at their tokens, weighted by the router and summed over the k slots (weights None: the
+    rows are already weighted, only summed). `ctx.kept` counts this rank's assignments that survived the capacity
+    limit.
+
+    Two optional capabilities let the experts keep less for backward (`GroupedExperts.forward`), None where the
+    dispatcher cannot offer them: `row_weights(ctx, weights [T, K]) -> [M]`, the router weight of each row, for the
+    experts to apply (then combine gets None); `row_source(x [T, D], ctx) -> (x, token [M])`, rows == x[token].
     """
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
-    def combine(self, y_MD: torch.Tensor, ctx: Any, weights_TK: torch.Tensor) -> torch.Tensor: ...
+    def combine(self, y_MD: torch.Tensor, ctx: Any, weights_TK: torch.Tensor | None) -> torch.Tensor: ...
+
+    def row_weights(self, ctx: Any, weights_TK: torch.Tensor) -> torch.Tensor | None: ...
+
+    def row_source(self, x_TD: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class LocalDispatcher:
@@ -192,5 +204,11 @@ class LocalDispatcher:
         d = dispatch(routing.experts_TK, routing.weights_TK, self.num_experts, self.capacity_factor, self.drop_policy)
         return gather_rows(x_TD, d), d.counts_E, d
 
-    def combine(self, y_ND: torch.Tensor, ctx: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
+    def combine(self, y_ND: torch.Tensor, ctx: Dispatch, weights_TK: torch.Tensor | None) -> torch.Tensor:
         return combine(y_ND, ctx, weights_TK)
+
+    def row_weights(self, ctx: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
+        return weights_TK.reshape(-1).index_select(0, ctx.slot_N)
+
+    def row_source(self, x_TD: torch.Tensor, ctx: Dispatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return x_TD, ctx.token_N

@@ -108,8 +108,13 @@ class MoELayer(nn.Module):
         self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The routed experts' weighted sum at each token [N, D], and the assignments kept (capacity limit)."""
-        rows_MD, counts_E, ctx = self.dispatcher.dispatch(x_ND, Routing(None, None, experts_NK, weights_NK))
-        return self.dispatcher.combine(self.experts(rows_MD, counts_E), ctx, weights_NK), ctx.kept
+        dispatcher = self.dispatcher
+        rows_MD, counts_E, ctx = dispatcher.dispatch(x_ND, Routing(None, None, experts_NK, weights_NK))
+        # the router weights applied by the experts where the dispatcher can say which row has which (then the
+        # combine only sums, and nothing of [N, D] is kept for their gradient; `GroupedExperts.forward`)
+        weights_M = dispatcher.row_weights(ctx, weights_NK)
+        y_MD = self.experts(rows_MD, counts_E, weights_M, dispatcher.row_source(x_ND, ctx))
+        return dispatcher.combine(y_MD, ctx, weights_NK if weights_M is None else None), ctx.kept
 
     def _aux(self, r: Routing, B: int, kept: torch.Tensor) -> MoEAux:
         cfg = self.cfg
