@@ -78,11 +78,16 @@ CASES = {
 }
 
 
+# first-step gradients, relative to each tensor's largest entry: float32 sums over the tokens reordered by the
+# split; Gated DeltaNet's A_log / dt_bias gradients (largest entry ~6e-4, many cancelling terms) reach 1.1e-5
+GRAD_TOL = 2e-5
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cp_matches_one_process(case):
     for ref, got, diff in dist_pool(2).run(cp_job, *CASES[case][:2], 1, *CASES[case][2:]):
         assert got == pytest.approx(ref, rel=1e-5)
-        assert diff < 1e-5
+        assert diff < GRAD_TOL
 
 
 @pytest.mark.parametrize("case", ["rwkv7", "hgrn-conv"])
@@ -93,13 +98,13 @@ def test_cp4_folds_the_transitions_of_earlier_ranks(case):
     assert any(len(cp_layout(cu.tolist(), ROW, 1, 0, 4).chain(r)) > 1 for _, _, cu in batches for r in range(4))
     for ref, got, diff in dist_pool(4).run(cp_job, *CASES[case][:2], 1, *CASES[case][2:]):
         assert got == pytest.approx(ref, rel=1e-5)
-        assert diff < 1e-5
+        assert diff < GRAD_TOL
 
 
 def test_cp_times_dp_matches_one_process():
     for ref, got, diff in dist_pool(4).run(cp_job, "gated_deltanet", "LN", 2, {}):
         assert got == pytest.approx(ref, rel=1e-5)
-        assert diff < 1e-5
+        assert diff < GRAD_TOL
 
 
 def test_cp_layout_by_hand():
