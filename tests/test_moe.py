@@ -220,6 +220,25 @@ def test_autocast_bf16_router_float32():
     assert (y16.float() - y32).norm() < 2e-2 * y32.norm()
 
 
+def test_router_keeps_bf16_input_and_matches_float32_linear():
+    """Under bf16 autocast the router computes float32 logits but keeps its bf16 input for backward (no float32
+    copy of [T, D]); logits and gradients == autograd of F.linear(x.float(), w)."""
+    torch.manual_seed(0)
+    layer = MoELayer(tiny("qwen2_moe"), 16)
+    x = torch.randn(7, 16).bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        r = layer.router(x)
+    assert r.logits_TE.dtype == torch.float32
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.bfloat16]
+    ref = F.linear(x.float(), layer.router.weight)
+    torch.testing.assert_close(r.logits_TE, ref)
+    g = torch.randn_like(ref)
+    params = (x, layer.router.weight)
+    for a, b in zip(torch.autograd.grad(r.logits_TE, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_update_bias_sign_rule():
     layer = MoELayer(tiny("deepseek_v3", num_experts=4, n_group=1, topk_group=1), 8)
     layer.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # mean 5

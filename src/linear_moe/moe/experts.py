@@ -100,8 +100,11 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w13_EDH, w2_EFD, counts_E, weights_N, source_TD, token_N, backend: str):
-        h_N2F = grouped_matmul(x_ND, w13_EDH, counts_E, backend)
-        y_ND = grouped_matmul(kernels.routed_swiglu(h_N2F, weights_N), w2_EFD, counts_E, backend)
+        # the weights are cast to x's dtype here and again in backward: their bf16 copies of float32 master weights
+        # (a third of the weights' size) are not kept between the two
+        dtype = x_ND.dtype
+        h_N2F = grouped_matmul(x_ND, w13_EDH.to(dtype), counts_E, backend)
+        y_ND = grouped_matmul(kernels.routed_swiglu(h_N2F, weights_N), w2_EFD.to(dtype), counts_E, backend)
         kept = (source_TD, token_N) if source_TD is not None else (x_ND, None)
         ctx.save_for_backward(*kept, w13_EDH, w2_EFD, counts_E, weights_N, h_N2F)
         ctx.backend = backend
@@ -109,16 +112,17 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_ND: torch.Tensor):
-        x_ND, token_N, w13_EDH, w2_EFD, counts_E, weights_N, h_N2F = ctx.saved_tensors
-        backend, dy_ND = ctx.backend, dy_ND.contiguous()
+        x_ND, token_N, w13, w2, counts_E, weights_N, h_N2F = ctx.saved_tensors
+        backend, dtype, dy_ND = ctx.backend, h_N2F.dtype, dy_ND.contiguous()
+        w13_EDH, w2_EFD = w13.to(dtype), w2.to(dtype)
         if token_N is not None:
-            x_ND = x_ND.index_select(0, token_N).to(w13_EDH.dtype)
+            x_ND = x_ND.index_select(0, token_N).to(dtype)
         da_NF = grouped_matmul(dy_ND, w2_EFD.mT, counts_E, backend)
         need_dw = weights_N is not None and ctx.needs_input_grad[4]
         a_NF, dh_N2F, dweights_N = kernels.routed_swiglu_backward(h_N2F, weights_N, da_NF, need_dw)
         del da_NF, h_N2F
-        dw2 = grouped_matmul_wgrad(a_NF, dy_ND, counts_E, backend) if ctx.needs_input_grad[2] else None
-        dw13 = grouped_matmul_wgrad(x_ND, dh_N2F, counts_E, backend) if ctx.needs_input_grad[1] else None
+        dw2 = grouped_matmul_wgrad(a_NF, dy_ND, counts_E, backend).to(w2.dtype) if ctx.needs_input_grad[2] else None
+        dw13 = grouped_matmul_wgrad(x_ND, dh_N2F, counts_E, backend).to(w13.dtype) if ctx.needs_input_grad[1] else None
         dx = grouped_matmul(dh_N2F, w13_EDH.mT, counts_E, backend) if ctx.needs_input_grad[0] else None
         return dx, dw13, dw2, None, dweights_N, None, None, None
 
@@ -155,5 +159,5 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x_ND.device.type):
             dtype = torch.get_autocast_dtype(x_ND.device.type)
         source_TD, token_N = source if source is not None else (None, None)
-        w13, w2 = local(self.w13).to(dtype), local(self.w2).to(dtype)
+        w13, w2 = local(self.w13), local(self.w2)
         return _RoutedSwiGLU.apply(x_ND.to(dtype), w13, w2, counts_E, weights_N, source_TD, token_N, self.backend)

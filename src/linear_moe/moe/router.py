@@ -36,6 +36,23 @@ def group_limited_mask(sel_TE: torch.Tensor, n_group: int, topk_group: int, grou
     return keep_TG.repeat_interleave(E // n_group, dim=1)
 
 
+class _Float32Linear(torch.autograd.Function):
+    """x @ w.T in float32 for x of any float dtype, keeping x itself (not its float32 copy) for backward: under bf16
+    autocast the copy would double what the router keeps ([T, D] float32, 256 MiB a layer at 65,536 tokens)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return F.linear(x_TD.float(), w_ED.float())
+
+    @staticmethod
+    def backward(ctx, g_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        dx = (g_TE @ w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g_TE.T @ x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 class Router(nn.Module):
     """Linear router in float32: logits = x @ weight.T, weight [E, D] ~ normal(0, init_std)."""
 
@@ -47,7 +64,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, bias_E: torch.Tensor | None = None) -> Routing:
         """x [T, D] -> `Routing`. `bias_E` shifts only which experts are selected, never their weights."""
         with torch.autocast(x_TD.device.type, enabled=False):  # the router stays float32 under bf16 autocast
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            logits_TE = _Float32Linear.apply(x_TD, self.weight)
         return route(logits_TE, self.cfg, bias_E)
 
 
