@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from linear_moe.mixers import build_mixer
 from linear_moe.mixers.hgrn import bounded_log_forget
 from linear_moe.mixers.mamba2 import fused_state_dict, split_state_dict
-from linear_moe.mixers.token_shift import token_shift
+from linear_moe.ops.token_shift import token_shift
 
 D, H, T = 16, 2, 70  # T > 64: the chunked ops cross chunk boundaries
 
