@@ -5,6 +5,7 @@ its expert and gets the outputs back.
     dispatch: local sort by expert (`LocalDispatcher`) -> exchange the [ep, E/ep] row counts (all_to_all)
               -> exchange the rows (all_to_all of uneven splits, autograd) -> regroup by local expert
     combine:  the inverse: back to source-rank blocks -> all_to_all back -> `combine` at the tokens
+    row_weights: each row's router weight sent the rows' way, for the experts to apply (the combine then sums)
 
 The row exchange is `_functional_collectives.all_to_all_single_autograd`, whose backward is the reverse exchange,
 so every rank's experts receive the gradients of every rank's tokens. One host sync per call reads the splits.
@@ -68,14 +69,17 @@ class AllToAllDispatcher:
         rows_MD = permute_rows(rows_MD, order_M, inverse_M)
         return rows_MD, recv_RE.sum(0), AllToAllContext(d, send, recv, order_M, inverse_M)
 
-    def combine(self, y_MD: torch.Tensor, ctx: AllToAllContext, weights_TK: torch.Tensor) -> torch.Tensor:
+    def combine(self, y_MD: torch.Tensor, ctx: AllToAllContext, weights_TK: torch.Tensor | None) -> torch.Tensor:
         y_MD = permute_rows(y_MD, ctx.inverse_M, ctx.order_M)
         y_ND = all_to_all_single_autograd(y_MD, ctx.send, ctx.recv, self.group)
         return combine(y_ND, ctx.local, weights_TK)
 
-    def row_weights(self, ctx: AllToAllContext, weights_TK: torch.Tensor) -> None:
-        """None: the router weights stay with the combine (they would have to travel with the rows)."""
-        return None
+    def row_weights(self, ctx: AllToAllContext, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The router weight of each received row: the weights travel the rows' way (one more all_to_all, of N
+        floats; its backward brings their gradients home), so the experts apply them and the combine only sums."""
+        w_N = self.local.row_weights(ctx.local, weights_TK)
+        w_M = all_to_all_single_autograd(w_N, ctx.recv, ctx.send, self.group)
+        return permute_rows(w_M[:, None], ctx.order_M, ctx.inverse_M)[:, 0]
 
     def row_source(self, x_TD: torch.Tensor, ctx: AllToAllContext) -> None:
         """None: the rows came from other ranks."""
