@@ -177,6 +177,28 @@ def test_peers_smoke(capsys, tmp_path):
     assert doc["summary"]["ratios"] == expected
 
 
+def test_hf_peer_experts_run_in_the_autocast_dtype():
+    """Under bf16 autocast the Hugging Face peer's experts keep bf16 tensors for backward (stock `grouped_mm`
+    keeps float32 ones: twice the memory), and their gradients reach the float32 weights."""
+    pytest.importorskip("transformers")
+    from linear_moe.bench.peers import hf_qwen2_moe
+
+    cfg = get_preset("debug-qwen2-moe")
+    experts = hf_qwen2_moe(cfg, 16).model.layers[0].mlp.experts
+    x_TD = torch.randn(16, cfg.hidden_size, requires_grad=True)
+    experts_TK = torch.randint(0, cfg.moe.num_experts, (16, cfg.moe.top_k))
+    weights_TK = torch.rand(16, cfg.moe.top_k, dtype=torch.bfloat16)  # as the router gives them under autocast
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_TD = experts(x_TD, experts_TK, weights_TK)
+    assert y_TD.dtype == torch.bfloat16
+    assert torch.float32 not in saved and torch.bfloat16 in saved
+    y_TD.float().sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.down_proj.grad.abs().sum() > 0
+    assert x_TD.grad is not None
+
+
 def test_report_merges_files_of_one_mode(capsys, tmp_path):
     """`bench report` joins the records of several JSON files (e.g. one per mixer) into one JSON + PNG."""
     files = []

@@ -6,8 +6,8 @@ a fresh process (spawned), so that no model's memory, allocator cache or autotun
 
 - ours: `--preset` with `--mixer` and `--vocab` (as `bench model`);
 - `hf-qwen2-moe`: transformers' `Qwen2MoeForCausalLM` with the preset's sizes (hidden size, layers, heads,
-  experts, top-k, expert FFN, vocabulary; no shared expert), SDPA attention and its grouped-GEMM experts, router
-  aux loss on;
+  experts, top-k, expert FFN, vocabulary; no shared expert), SDPA attention and its grouped-GEMM experts run in the
+  autocast dtype (`HF_EXPERTS`), router aux loss on;
 - `fla-gla`: fla's dense `GLAForCausalLM` of the same active width (hidden size, layers, heads, a SwiGLU FFN of
   top-k x expert FFN), fla's fused linear cross-entropy; CUDA only (fla's kernels are Triton).
 
@@ -37,12 +37,47 @@ from linear_moe.model.loss import tf32_matmuls
 from linear_moe.ops.autotune import limit_autotune
 
 PEERS = ("hf-qwen2-moe", "fla-gla")
+HF_EXPERTS = "grouped_mm_autocast"  # transformers' grouped_mm experts, registered under this name by `hf_qwen2_moe`
+
+
+class _CastExperts:
+    """transformers' experts module seen with its weights cast to `dtype`, differentiably (gradients reach the
+    float32 parameters), as autocast casts a linear layer's weight."""
+
+    def __init__(self, experts: nn.Module, dtype: torch.dtype) -> None:
+        self._experts = experts
+        self.gate_up_proj = experts.gate_up_proj.to(dtype)
+        self.down_proj = experts.down_proj.to(dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(self._experts, name)
+
+
+def grouped_mm_autocast(
+    experts: nn.Module, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """transformers' own `grouped_mm` experts forward, its operands in the autocast dtype when autocast is on.
+
+    `torch._grouped_mm` is not on autocast's list and transformers casts its input to the weight's dtype, so with
+    float32 weights under bf16 autocast the stock `grouped_mm` experts run in float32: float32 GEMMs and twice the
+    bytes kept for backward (11.0 instead of 5.5 GiB a layer at A0.3B-2B's sizes and 65,536 tokens, ~195 GiB peak in
+    all), out of memory on the H200. Our experts cast to the autocast dtype the same way (moe/experts.py)."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    device = x_TD.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        experts, x_TD = _CastExperts(experts, dtype), x_TD.to(dtype)
+    return grouped_mm_experts_forward(experts, x_TD, experts_TK, weights_TK)
 
 
 def hf_qwen2_moe(cfg: ModelConfig, max_len: int) -> nn.Module:
-    """transformers' Qwen2-MoE with `cfg`'s sizes (SDPA, grouped-GEMM experts, no shared expert)."""
+    """transformers' Qwen2-MoE with `cfg`'s sizes (SDPA, grouped-GEMM experts in the autocast dtype, no shared
+    expert)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+    ALL_EXPERTS_FUNCTIONS.register(HF_EXPERTS, grouped_mm_autocast)
     moe = cfg.moe
     if moe is None:
         raise ValueError("bench peers: hf-qwen2-moe needs an MoE preset (e.g. A0.3B-2B)")
@@ -65,8 +100,8 @@ def hf_qwen2_moe(cfg: ModelConfig, max_len: int) -> nn.Module:
         use_cache=False,
         attn_implementation="sdpa",
         # explicit: transformers falls back to its per-expert loop ("eager") without saying so when it cannot set
-        # an implementation, and that loop ran out of memory on the H200 (12-02)
-        experts_implementation="grouped_mm",
+        # "grouped_mm", and that loop ran out of memory on the H200 (12-02); see `grouped_mm_autocast`
+        experts_implementation=HF_EXPERTS,
     )
     with warnings.catch_warnings():  # the empty shared expert: "Initializing zero-element tensors is a no-op"
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
