@@ -137,6 +137,10 @@ def why_not(peer: str, device: torch.device) -> str | None:
         return f"{package} is not installed"
     if peer == "fla-gla" and device.type != "cuda":
         return "fla's kernels need CUDA"
+    if peer == "hf-qwen2-moe" and importlib.util.find_spec("transformers.integrations.moe") is None:
+        return (
+            "this transformers has no grouped-GEMM experts (transformers.integrations.moe); pip install -U transformers"
+        )
     return None
 
 
