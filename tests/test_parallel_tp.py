@@ -169,12 +169,3 @@ def test_tp_refusals(mixer, tp, how, match):
     _mutate(model, how)
     with pytest.raises(ValueError, match=match):
         check_tp(model, tp)
-
-
-def test_tp_through_the_trainer_matches_one_process(tmp_path_factory):
-    """tp x ep x dp_shard on 4 ranks through the Trainer (experts split over ep, FSDP2 on top)."""
-    from test_parallel_dp_ep import assert_matches, reference, train_job
-
-    ref = reference("gdn-v2-hybrid", tmp_path_factory)
-    run_dir = tmp_path_factory.mktemp("gdn-tp-ep")
-    assert_matches(dist_pool(4).run(train_job, "gdn-v2-hybrid", {"tp": 2, "ep": 2}, str(run_dir))[0], ref)

@@ -314,6 +314,15 @@ def _sample(tc, model: torch.nn.Module, tokenizer_path: Path, chat: bool) -> str
     )
 
 
+def check_model(cfg: RunConfig) -> None:
+    """Build the model on the meta device (no memory, no time): a model the mixers or the MoE refuse (e.g.
+    num_heads not dividing hidden_size) fails before the data is prepared, not after minutes of tokenizing."""
+    from ..model import LinearMoEForCausalLM
+
+    with torch.device("meta"):
+        LinearMoEForCausalLM(cfg.model)
+
+
 def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
     """`linear-moe train`: see the module docstring."""
     from ..data import PackedDataset
@@ -323,6 +332,7 @@ def run_training(config: str | None, overrides: list[str]) -> dict[str, Any]:
         from ..hf import run_config_from_hf
 
         cfg = run_config_from_hf(cfg)
+    check_model(cfg)
     with distributed(resolve_device(cfg.train.device).type), lock_run_dir(Path(cfg.train.run_dir)):
         rows = cfg.data.micro_batch_size // run_layout(cfg).dp  # each data-parallel rank's share
         with rank0_first():  # under torchrun, rank 0 prepares the data before the others look
