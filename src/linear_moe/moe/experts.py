@@ -67,8 +67,8 @@ def grouped_matmul_wgrad(
     E = counts_E.shape[0]
     if x_NK.shape[0] == 0:
         return x_NK.new_zeros(E, x_NK.shape[1], g_NM.shape[1])
-    x_ECK, _, _ = _padded(x_NK, counts_E)
-    g_ECM, _, _ = _padded(g_NM, counts_E)
+    x_ECK, group_N, rank_N = _padded(x_NK, counts_E)
+    g_ECM = g_NM.new_zeros(*x_ECK.shape[:2], g_NM.shape[1]).index_put((group_N, rank_N), g_NM)
     return torch.bmm(x_ECK.mT, g_ECM)
 
 
@@ -114,16 +114,15 @@ class _RoutedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy_ND: torch.Tensor):
         x_ND, token_N, w13, w2, counts_E, weights_N, h_N2F = ctx.saved_tensors
         backend, dtype, dy_ND = ctx.backend, h_N2F.dtype, dy_ND.contiguous()
-        w13_EDH, w2_EFD = w13.to(dtype), w2.to(dtype)
         if token_N is not None:
             x_ND = x_ND.index_select(0, token_N).to(dtype)
-        da_NF = grouped_matmul(dy_ND, w2_EFD.mT, counts_E, backend)
+        da_NF = grouped_matmul(dy_ND, w2.to(dtype).mT, counts_E, backend)
         need_dw = weights_N is not None and ctx.needs_input_grad[4]
         a_NF, dh_N2F, dweights_N = kernels.routed_swiglu_backward(h_N2F, weights_N, da_NF, need_dw)
         del da_NF, h_N2F
         dw2 = grouped_matmul_wgrad(a_NF, dy_ND, counts_E, backend).to(w2.dtype) if ctx.needs_input_grad[2] else None
         dw13 = grouped_matmul_wgrad(x_ND, dh_N2F, counts_E, backend).to(w13.dtype) if ctx.needs_input_grad[1] else None
-        dx = grouped_matmul(dh_N2F, w13_EDH.mT, counts_E, backend) if ctx.needs_input_grad[0] else None
+        dx = grouped_matmul(dh_N2F, w13.to(dtype).mT, counts_E, backend) if ctx.needs_input_grad[0] else None
         return dx, dw13, dw2, None, dweights_N, None, None, None
 
 
